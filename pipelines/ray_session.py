@@ -1,0 +1,31 @@
+"""Start (or join) the Ray session every stage shares.
+
+On a cluster `RAY_ADDRESS` (or `ray.init(address="auto")` under `ray job submit`) connects to it; on
+a laptop a local session is started with `num_cpus` logical CPUs.  Logical CPUs may exceed physical
+cores: Ray Train controllers, Tune trial drivers and Data operators each hold a CPU slot while mostly
+waiting, and RAY_NOTES.md 5.3 saw sweeps stall with too few slots on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Quiet, offline-friendly defaults: no dashboard, no usage stats.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=num_cpus or max(8, 2 * (os.cpu_count() or 2)),
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
