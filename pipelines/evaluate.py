@@ -1,0 +1,519 @@
+"""`robust-dpo evaluate`: batch-evaluate policy checkpoints under a grid of simulated shifts, on Ray Data.
+
+    robust-dpo evaluate --checkpoint runs/x/train/final_model --reference runs/world/reference_model \\
+        --data runs/world/tok --output runs/x/eval --reward world:runs/world \\
+        --grid mixture:alpha=0:1:11 --grid label_flip:eps=0:0.4:5 generation.samples_per_prompt=8
+    # on a cluster: the same command under `ray job submit -- ...`; use_gpu=auto puts actors on GPUs
+
+Per checkpoint (a policy dir loadable by from_pretrained, or a PEFT adapter dir) and per shift level:
+- implicit metrics on the tokenised eval split: Delta = policy minus reference summed response
+  log-prob; pair_accuracy = fraction of pairs with Delta_chosen > Delta_rejected under the level's
+  labels (ties: pair_ties), margin = mean(Delta_chosen - Delta_rejected) in nats, dpo_loss =
+  mean -log sigmoid(beta * margin_i) (OBJECTIVES.md 7.3).  The shift is `pipelines.shifts`
+  applied to rows that already carry the log-probs: relabelling swaps every *chosen*/*rejected*
+  column pair, so the log-probs follow the labels.
+- generative metrics: `generation.samples_per_prompt` ancestral samples (temperature 1) for the
+  first `generation.num_prompts` distinct eval prompts, scored once with the exact per-token
+  KL(policy || reference) summed along each sample (`kl`; the plain Monte-Carlo `kl_mc` too,
+  OBJECTIVES.md 7.1) and with the configured reward.  The level's `reward` and `kl` average the
+  per-prompt means over the level's rows (so resampling shifts reweight prompts); under the mixture
+  shift, level alpha scores the same samples with alpha r1 + (1 - alpha) r2.
+
+Outputs in --output: evaluation.csv (one row per checkpoint x shift level), samples.parquet (every
+sample with its KL and rewards), evaluate_config.yaml.  `evaluate(cfg)` returns the same dataframe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipelines import config as config_lib
+from pipelines import schema, shifts
+from pipelines.errors import UserError
+
+RESULT_COLUMNS = (
+    "trial_id", "checkpoint", "shift", "level", "spec", "reward", "kl", "kl_mc", "pair_accuracy",
+    "pair_ties", "margin", "dpo_loss", "n_pairs", "n_prompts", "n_samples",
+)
+NO_SHIFT = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    enabled: bool = True  # sample from each checkpoint and score reward and KL; false = implicit metrics only
+    num_prompts: int = 64  # distinct eval prompts sampled (the first ones in row order); 0 = every prompt
+    samples_per_prompt: int = 4  # ancestral samples per prompt at temperature 1; >= 1
+    max_new_tokens: int = 32  # response cap in tokens (EOS counts when sampled); >= 1
+    batch_size: int = 64  # sequences per sampling forward
+    seed: int = 0  # sampling seed; a sample's uniforms depend only on (seed, prompt, sample index)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    checkpoints: list[str]  # required: policy dirs, "PATH" or "NAME=PATH" (NAME becomes trial_id)
+    reference: str  # required: reference model dir (from_pretrained)
+    data: str  # required: a pairs dataset written by `robust-dpo data` (DIR with manifest.json)
+    output: str  # required: output folder
+    split: str = "eval"  # split of `data` to evaluate on
+    grid: list[str] = field(default_factory=list)  # shift specs or grids (mixture:alpha=0:1:11); empty = unshifted only
+    reward: str = ""  # world:DIR[:NAME] | hf:PATH | module:function; "" = no reward (KL and pair metrics only)
+    tokenizer: str = ""  # decodes samples for the reward; "" = the dataset's tokenizer, else the reference's
+    beta: float = 0.1  # beta of the held-out DPO loss, 1/nats (use the trained beta to compare losses)
+    max_pairs: int = 0  # eval pairs used (the first ones in file order); 0 = all
+    batch_size: int = 32  # pairs per forward in the log-prob actors
+    concurrency: int = 1  # actors per pass (each holds one GPU when GPUs are used); >= 1
+    models_per_actor: int = 8  # models one actor loads at once (reference + policies); lower it for large models
+    use_gpu: Literal["auto", "true", "false"] = "auto"  # auto = GPU actors when the Ray cluster has GPUs
+    shift_seed: int = 0  # seed of the shifts' randomness (label flips, resampling)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+# [1] Checkpoints, models, specs -----------------------------------------------------------------
+
+
+def parse_checkpoints(items: Sequence[str]) -> list[tuple[str, str]]:
+    """["NAME=PATH" or "PATH", ...] -> [(trial_id, path)]; PATH/final_model is named after PATH."""
+    out = []
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq:
+            path = item
+            p = Path(item.rstrip("/"))
+            name = p.parent.name if p.name == "final_model" else p.name
+        if not Path(path).is_dir():
+            raise UserError(f"checkpoint '{path}' is not a directory")
+        out.append((name, path))
+    seen = collections.Counter(n for n, _ in out)
+    dup = [n for n, c in seen.items() if c > 1]
+    if dup:
+        raise UserError(f"two checkpoints share the trial id '{dup[0]}'; name them with --checkpoint NAME=PATH")
+    return out
+
+
+def load_model(path: str, device: str = "cpu"):
+    """A causal LM from a model dir, or a PEFT adapter dir merged into its base; fp32, eval mode."""
+    import torch
+
+    if (Path(path) / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32).merge_and_unload()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval().to(device)
+
+
+def _model_config(path: str, what: str):
+    from transformers import AutoConfig
+
+    config_path = path
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file():
+        config_path = json.loads(adapter.read_text()).get("base_model_name_or_path", path)
+    try:
+        return AutoConfig.from_pretrained(config_path)
+    except Exception as exc:  # noqa: BLE001 - any load failure is the user's path
+        raise UserError(f"{what} '{path}': cannot load a model config ({str(exc).strip().splitlines()[0]})") from None
+
+
+def build_grid(specs: Sequence[str], world_components: Optional[tuple[str, str]]) -> list[tuple[str, float, str]]:
+    """Expand shift specs/grids to [(shift, level, spec)]; no spec = the unshifted split.
+
+    With a world reward, a mixture spec without r1/r2 gets the world's mixture components, so the
+    relabelled pairs and the scored samples use the same alpha r1 + (1 - alpha) r2.
+    """
+    if not specs:
+        return [(NO_SHIFT, 0.0, "")]
+    levels = []
+    for spec in specs:
+        if spec.strip().startswith("mixture") and world_components and "r1=" not in spec:
+            spec = f"{spec},r1={world_components[0]},r2={world_components[1]}"
+        for name, level, text in shifts.expand_grid(spec):
+            levels.append((name, float("nan") if level is None else float(level), text))
+    return levels
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i: i + size] for i in range(0, len(items), size)]
+
+
+def _gpu_actors(cfg: EvaluateConfig) -> bool:
+    if cfg.use_gpu != "auto":
+        return cfg.use_gpu == "true"
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+# [2] Ray Data actors: one model pass each -------------------------------------------------------
+
+
+class ResponseLogps:
+    """map_batches actor: adds `<prefix>_chosen_logps` / `<prefix>_rejected_logps` (float64) per model.
+
+    One actor holds several models (reference and checkpoints), so the eval pairs stream through
+    one actor pool instead of one pool per model (an actor start costs seconds: torch imports).
+    """
+
+    def __init__(self, *, models: list[tuple[str, str]], use_gpu: bool):
+        import torch
+
+        from pipelines import model as model_lib
+
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.models = [(prefix, load_model(path, self.device)) for prefix, path in models]
+        self.pad = model_lib.pad_token_id_of(self.models[0][1])
+
+    def __call__(self, table):
+        import pyarrow as pa
+
+        from pipelines.eval_generation import response_logps
+
+        prompts = table.column("prompt_input_ids").to_pylist()
+        responses = {side: table.column(f"{side}_input_ids").to_pylist() for side in ("chosen", "rejected")}
+        for prefix, model in self.models:
+            for side in ("chosen", "rejected"):
+                values = response_logps(model, prompts, responses[side], self.pad)
+                table = table.append_column(f"{prefix}_{side}_logps", pa.array(values, type=pa.float64()))
+        return table
+
+
+class SampleResponses:
+    """map_batches actor: one sample per row from the row's policy, with its exact KL to the reference.
+
+    Rows carry `model_index` (into `policies`), `prompt_index`, `sample_index`, `prompt` and
+    `prompt_input_ids`; every policy of the chunk is loaded once per actor.  With a `reward`, each
+    sample also gets one column per entry of `reward_keys`: None = the configured reward,
+    (alpha, form, r1, r2) = the world's mixture at alpha (the mixture shift's levels).
+    """
+
+    def __init__(self, *, policies: list[str], reference_path: str, tokenizer_path: str, max_new_tokens: int,
+                 seed: int, use_gpu: bool, reward: str = "", reward_keys: Optional[dict] = None):
+        import torch
+        from transformers import AutoTokenizer
+
+        from pipelines import model as model_lib
+
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.policies = [load_model(path, self.device) for path in policies]
+        self.reference = load_model(reference_path, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.pad = model_lib.pad_token_id_of(self.reference)
+        self.eos = self.tokenizer.eos_token_id
+        self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.reward, self.reward_keys = None, dict(reward_keys or {})
+        if reward:
+            from pipelines.eval_rewards import RewardFunction
+
+            self.reward = RewardFunction(reward, device=self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipelines.eval_generation import sample_uniforms, sample_with_kl
+
+        n = len(batch["prompt_index"])
+        out = {"response": np.empty(n, dtype=object), **{k: np.zeros(n) for k in ("kl", "kl_mc", "policy_logps")},
+               "length": np.zeros(n, dtype=np.int64)}
+        for model_index in np.unique(batch["model_index"]):
+            rows = np.flatnonzero(batch["model_index"] == model_index)
+            uniforms = sample_uniforms(self.seed, batch["prompt_index"][rows], batch["sample_index"][rows],
+                                       self.max_new_tokens)
+            prompts = [list(map(int, batch["prompt_input_ids"][i])) for i in rows]
+            sampled = sample_with_kl(self.policies[int(model_index)], self.reference, prompts, uniforms,
+                                     eos_token_id=self.eos, pad_token_id=self.pad)
+            for key in ("kl", "kl_mc", "policy_logps", "length"):
+                out[key][rows] = sampled[key]
+            for i, ids in zip(rows, sampled["response_ids"]):
+                out["response"][i] = self.tokenizer.decode([int(t) for t in ids if t != self.eos],
+                                                           skip_special_tokens=True)
+        if self.reward is not None:
+            prompts, responses = list(batch["prompt"]), list(out["response"])
+            for column, key in self.reward_keys.items():
+                if key is None:
+                    out[column] = self.reward.score(prompts, responses)
+                else:
+                    alpha, form, r1, r2 = key
+                    out[column] = self.reward.score(prompts, responses, alpha=alpha, form=form, components=(r1, r2))
+        return {k: batch[k] for k in ("model_index", "prompt_index", "sample_index", "prompt")} | out
+
+
+# [3] Metrics: pure functions ---------------------------------------------------------------------
+
+
+def pair_metrics(policy_chosen: np.ndarray, policy_rejected: np.ndarray, reference_chosen: np.ndarray,
+                 reference_rejected: np.ndarray, beta: float) -> dict[str, float]:
+    """Implicit metrics of N pairs under their current labels (all inputs (N,) summed log-probs).
+
+    Returns:
+        pair_accuracy: mean 1[Delta_w > Delta_l]; pair_ties: mean 1[Delta_w == Delta_l];
+        margin: mean(Delta_w - Delta_l) in nats; dpo_loss: mean -log sigmoid(beta (Delta_w - Delta_l));
+        n_pairs.  NaN metrics (and n_pairs 0) when N = 0.
+    """
+    h = (np.asarray(policy_chosen) - np.asarray(reference_chosen)) - (
+        np.asarray(policy_rejected) - np.asarray(reference_rejected))
+    if len(h) == 0:
+        return {"pair_accuracy": np.nan, "pair_ties": np.nan, "margin": np.nan, "dpo_loss": np.nan, "n_pairs": 0}
+    return {
+        "pair_accuracy": float(np.mean(h > 0)),
+        "pair_ties": float(np.mean(h == 0)),
+        "margin": float(np.mean(h)),
+        "dpo_loss": float(np.mean(np.logaddexp(0.0, -beta * h))),  # -log sigmoid(x) = log(1 + e^-x)
+        "n_pairs": int(len(h)),
+    }
+
+
+def weighted_prompt_metrics(level_prompts: Sequence[str], per_prompt: pd.DataFrame, columns: Sequence[str]) -> dict:
+    """Average per-prompt sample means over a level's rows.
+
+    Args:
+        level_prompts: the prompt text of every row of the shifted split (repeats count).
+        per_prompt: index = prompt text, one column per metric (mean over that prompt's samples).
+        columns: metrics to average.
+
+    Returns:
+        {column: sum_rows mean(prompt of row) / #rows with a sampled prompt}, plus n_prompts (distinct
+        sampled prompts among the rows); NaN when no row's prompt was sampled.
+    """
+    counts = collections.Counter(p for p in level_prompts if p in per_prompt.index)
+    total = sum(counts.values())
+    out: dict[str, Any] = {"n_prompts": len(counts)}
+    for column in columns:
+        if total == 0:
+            out[column] = float("nan")
+            continue
+        out[column] = float(sum(n * per_prompt.at[p, column] for p, n in counts.items()) / total)
+    return out
+
+
+# [4] The stage -----------------------------------------------------------------------------------
+
+
+_START = [0.0]
+
+
+def _log(message: str) -> None:
+    print(f"[evaluate {time.monotonic() - _START[0]:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _check_inputs(cfg: EvaluateConfig) -> tuple[list[tuple[str, str]], dict]:
+    if not cfg.checkpoints:
+        raise UserError("evaluate needs at least one --checkpoint")
+    for key in ("batch_size", "concurrency", "models_per_actor"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
+    g = cfg.generation
+    for key in ("samples_per_prompt", "max_new_tokens", "batch_size"):
+        if getattr(g, key) < 1:
+            raise UserError(f"config key 'generation.{key}' must be >= 1, got {getattr(g, key)}")
+    if cfg.max_pairs < 0 or g.num_prompts < 0:
+        raise UserError("config keys 'max_pairs' and 'generation.num_prompts' must be >= 0")
+    checkpoints = parse_checkpoints(cfg.checkpoints)
+    manifest = schema.read_manifest(cfg.data)
+    if manifest.get("format") != "pairs":
+        raise UserError(f"dataset '{cfg.data}' has format {manifest.get('format')!r}; evaluate needs pairs")
+    schema.split_dir(cfg.data, cfg.split)
+    vocab = _model_config(cfg.reference, "reference").vocab_size
+    for trial_id, path in checkpoints:
+        other = _model_config(path, f"checkpoint {trial_id}").vocab_size
+        if other != vocab:
+            raise UserError(f"checkpoint '{path}' has vocabulary {other} but the reference has {vocab}")
+    return checkpoints, manifest
+
+
+@contextlib.contextmanager
+def _preserve_order() -> Iterator[None]:
+    """Deterministic row order (the first N prompts, reproducible outputs), restored afterwards."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    previous, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = previous
+
+
+def reward_columns(levels: Sequence[tuple[str, float, str]], with_reward: bool) -> tuple[dict, dict]:
+    """Which reward each level reads: the configured one, or the world mixture at the level's alpha.
+
+    Returns:
+        keys: sample column -> None (configured reward) or (alpha, form, r1, r2).
+        by_level: (shift, spec) -> sample column.
+    """
+    keys: dict[str, Optional[tuple]] = {"reward_base": None}
+    by_level = {}
+    for i, (name, _, text) in enumerate(levels):
+        by_level[(name, text)] = "reward_base"
+        if name == "mixture" and with_reward:
+            p = shifts.parse_shift(text).params
+            keys[f"reward_{i}"] = (p["alpha"], p["form"], p["r1"], p["r2"])
+            by_level[(name, text)] = f"reward_{i}"
+    return keys, by_level
+
+
+def compute_pair_logps(ds, models: list[tuple[str, str]], cfg: EvaluateConfig, gpu: bool):
+    """[a] Add `<prefix>_chosen_logps` / `<prefix>_rejected_logps` for every (prefix, model path)."""
+    resources = {"num_gpus": 1} if gpu else {"num_cpus": 1}
+    for chunk in _chunks(models, cfg.models_per_actor):
+        _log(f"log-probs of the eval pairs under {len(chunk)} model(s): {', '.join(p for p, _ in chunk)}")
+        ds = ds.map_batches(ResponseLogps, fn_constructor_kwargs={"models": chunk, "use_gpu": gpu},
+                            batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.concurrency,
+                            **resources).materialize()
+    return ds
+
+
+def shift_pair_rows(ds, levels, columns: list[str], seed: int) -> dict[tuple[str, str], pd.DataFrame]:
+    """[b] Each level's rows (shift applied to the rows carrying the log-probs), `columns` only."""
+    out = {}
+    for name, _, text in levels:
+        _log(f"shift {text or NO_SHIFT}")
+        shifted = shifts.apply_shifts(ds, [text], seed=seed) if text else ds
+        out[(name, text)] = shifted.select_columns(columns).to_pandas()
+    return out
+
+
+def sample_checkpoints(ds, checkpoints, cfg: EvaluateConfig, gpu: bool, tokenizer: str, reward_keys: dict,
+                       with_reward: bool) -> pd.DataFrame:
+    """[c] samples_per_prompt samples per sampled prompt per checkpoint, with KL and reward columns."""
+    import ray
+
+    resources = {"num_gpus": 1} if gpu else {"num_cpus": 1}
+    prompt_table = ds.select_columns(["prompt", "prompt_input_ids"]).to_pandas().drop_duplicates("prompt")
+    if cfg.generation.num_prompts:
+        prompt_table = prompt_table.head(cfg.generation.num_prompts)
+    n = cfg.generation.samples_per_prompt
+    frames = []
+    for chunk in _chunks(list(checkpoints), cfg.models_per_actor):
+        items = [{"model_index": m, "prompt_index": i, "sample_index": j, "prompt": row.prompt,
+                  "prompt_input_ids": [int(t) for t in row.prompt_input_ids]}
+                 for m in range(len(chunk)) for i, row in enumerate(prompt_table.itertuples(index=False))
+                 for j in range(n)]
+        _log(f"sampling {len(prompt_table)} prompts x {n} from {', '.join(t for t, _ in chunk)}")
+        gen = ray.data.from_items(items).map_batches(
+            SampleResponses, batch_size=cfg.generation.batch_size, concurrency=cfg.concurrency,
+            fn_constructor_kwargs={"policies": [path for _, path in chunk], "reference_path": cfg.reference,
+                                   "tokenizer_path": tokenizer, "max_new_tokens": cfg.generation.max_new_tokens,
+                                   "seed": cfg.generation.seed, "use_gpu": gpu,
+                                   "reward": cfg.reward if with_reward else "", "reward_keys": reward_keys},
+            **resources)
+        frame = gen.to_pandas()
+        frame.insert(0, "trial_id", [chunk[m][0] for m in frame.pop("model_index")])
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarise_levels(checkpoints, levels, level_rows, samples: Optional[pd.DataFrame], level_reward: dict,
+                     beta: float) -> pd.DataFrame:
+    """[d] One row per checkpoint x level (RESULT_COLUMNS)."""
+    rows = []
+    for i, (trial_id, path) in enumerate(checkpoints):
+        mine = per_prompt = None
+        if samples is not None:
+            mine = samples[samples["trial_id"] == trial_id]
+            metric_cols = ["kl", "kl_mc"] + [c for c in mine.columns if c.startswith("reward_")]
+            per_prompt = mine.groupby("prompt")[metric_cols].mean()
+        for name, level, text in levels:
+            table = level_rows[(name, text)]
+            row = {"trial_id": trial_id, "checkpoint": path, "shift": name, "level": level, "spec": text}
+            row |= pair_metrics(table[f"ckpt{i}_chosen_logps"], table[f"ckpt{i}_rejected_logps"],
+                                table["ref_chosen_logps"], table["ref_rejected_logps"], beta)
+            if per_prompt is not None:
+                key = level_reward[(name, text)]
+                cols = ["kl", "kl_mc"] + ([key] if key in per_prompt.columns else [])
+                gen = weighted_prompt_metrics(table["prompt"], per_prompt, cols)
+                row |= {"kl": gen["kl"], "kl_mc": gen["kl_mc"], "n_prompts": gen["n_prompts"],
+                        "reward": gen.get(key, float("nan")),
+                        "n_samples": int(mine["prompt"].isin(set(table["prompt"])).sum())}
+            rows.append(row)
+    return pd.DataFrame(rows).reindex(columns=list(RESULT_COLUMNS))
+
+
+def evaluate(cfg: EvaluateConfig) -> pd.DataFrame:
+    """Evaluate every checkpoint under every shift level; write the outputs; return the rows."""
+    import ray
+
+    from pipelines.eval_rewards import RewardFunction
+    from pipelines.ray_session import ensure_ray
+
+    _START[0] = time.monotonic()
+    checkpoints, manifest = _check_inputs(cfg)
+    reward = RewardFunction(cfg.reward) if cfg.reward and cfg.generation.enabled else None  # fail fast
+    world_components = tuple(reward.world.spec["mixture"]["rewards"]) if reward and reward.world else None
+    levels = build_grid(cfg.grid, world_components)
+    if reward is not None and not reward.supports_mixture and any(name == "mixture" for name, _, _ in levels):
+        raise UserError(f"reward '{cfg.reward}' cannot score the mixture shift (its levels are the world's "
+                        "mixture alpha r1 + (1 - alpha) r2): use --reward world:DIR or generation.enabled=false")
+    reward_keys, level_reward = reward_columns(levels, reward is not None)
+    out_dir = Path(cfg.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.dump(cfg, out_dir / "evaluate_config.yaml")
+    data_tokenizer = str(manifest.get("tokenizer", ""))
+    tokenizer = cfg.tokenizer or (data_tokenizer if data_tokenizer and Path(data_tokenizer).exists() else cfg.reference)
+
+    ensure_ray()
+    gpu = _gpu_actors(cfg)
+    models = [("ref", cfg.reference)] + [(f"ckpt{i}", path) for i, (_, path) in enumerate(checkpoints)]
+    with _preserve_order():
+        ds = ray.data.read_parquet(str(schema.split_dir(cfg.data, cfg.split)))
+        if cfg.max_pairs:
+            ds = ds.limit(cfg.max_pairs)
+        ds = compute_pair_logps(ds, models, cfg, gpu)
+        if ds.count() == 0:
+            raise UserError(f"dataset '{cfg.data}' split '{cfg.split}' has no rows")
+        columns = ["prompt"] + [f"{p}_{s}_logps" for p, _ in models for s in ("chosen", "rejected")]
+        level_rows = shift_pair_rows(ds, levels, columns, cfg.shift_seed)
+        samples = None
+        if cfg.generation.enabled:
+            samples = sample_checkpoints(ds, checkpoints, cfg, gpu, tokenizer, reward_keys, reward is not None)
+            samples.to_parquet(out_dir / "samples.parquet", index=False)
+    result = summarise_levels(checkpoints, levels, level_rows, samples, level_reward, cfg.beta)
+    result.to_csv(out_dir / "evaluation.csv", index=False)
+    _log(f"wrote {out_dir / 'evaluation.csv'} ({len(result)} rows)")
+    return result
+
+
+# [5] CLI -----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]PATH",
+                        help="policy model dir (repeatable); NAME becomes the trial id")
+    parser.add_argument("--reference", required=True, metavar="PATH", help="reference model dir")
+    parser.add_argument("--data", required=True, metavar="DIR", help="pairs dataset written by `robust-dpo data`")
+    parser.add_argument("--output", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--grid", action="append", default=[], metavar="SPEC",
+                        help="shift spec or grid, e.g. mixture:alpha=0:1:11 or label_flip:eps=0:0.4:5 (repeatable)")
+    parser.add_argument("--reward", default="", metavar="SPEC",
+                        help="world:DIR[:NAME], hf:PATH or module:function (default: no reward)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. generation.samples_per_prompt=8 beta=0.05")
+
+
+def build_config(args: argparse.Namespace) -> EvaluateConfig:
+    overrides = [o.removeprefix("evaluate.") for o in args.overrides]
+    values = config_lib.parse_overrides(overrides)
+    flags = {"checkpoints": list(args.checkpoint), "reference": args.reference, "data": args.data,
+             "output": args.output, "grid": list(args.grid), "reward": args.reward}
+    for key in flags:
+        if key in values:
+            raise UserError(f"config key '{key}' is set by its command-line flag; do not override it")
+    return config_lib.build(EvaluateConfig, {**values, **flags})
+
+
+def main(args: argparse.Namespace) -> int:
+    result = evaluate(build_config(args))
+    with pd.option_context("display.width", 160, "display.max_columns", 12):
+        print(result[["trial_id", "shift", "level", "reward", "kl", "pair_accuracy"]].to_string(index=False))
+    return 0

@@ -1,0 +1,427 @@
+"""`robust-dpo synth`: generate the embedded known-reward world (tokenizer, reference model, pairs).
+
+    robust-dpo synth --output worlds/default                       # defaults, ~20-40 s on 2 CPU cores
+    robust-dpo synth --output /tmp/w synth.seed=3 synth.label_noise=0.2 synth.n_train=256
+
+Writes DIR/world.json (every parameter: the file defines the world; pipelines/world.py reads it),
+DIR/tokenizer/, DIR/reference_model/ (LlamaForCausalLM + tokenizer, `from_pretrained`-loadable),
+DIR/data/{train,eval}.parquet (pairs with per-reward scores, group, source, DoRA calibration),
+DIR/config.yaml and DIR/timings.json (wall-clock; the only file that differs between equal runs).
+Same seed -> same bytes for everything else on the same software stack.  The design is in
+/work/notes/world.md and the README; OBJECTIVES.md section 8 (E1, E3, E4) is what it adapts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.config import dump, load
+from pipelines.errors import UserError
+from pipelines.world import (
+    WORLD_FILE,
+    WORLD_KIND,
+    WORLD_VERSION,
+    World,
+    WorldPaths,
+    load_world,
+    world_paths,
+)
+from pipelines.world_data import (
+    PAIR_COLUMNS,
+    build_pairs,
+    fit_source_classifier,
+    split_stats,
+    train_reference_model,
+    write_parquet,
+)
+
+__all__ = ["SynthConfig", "World", "WorldConfig", "WorldPaths", "generate_world", "load_world"]
+
+CHAT_TEMPLATE = (  # contents joined by spaces: renders a chat prompt to the same text as format (a)
+    "{% for message in messages %}{{ message['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
+)
+# Independent RNG streams, one per purpose (SeedSequence([seed, i])): adding one never shifts others.
+STREAMS = ("params", "reward_scale", "train", "eval", "classifier", "reference_data", "reference_init")
+
+
+# ---- the text world.json carries next to the numbers (the formulas pipelines/world.py implements) ----
+GENERATOR_FORMULA = (
+    "x = 1..max_prompt_words distinct topic words of one group; y_1 ~ softmax(L[x_last] + B_x + s), then after "
+    "each word y_i (i < max_response_words) stop with prob stop_prob, else y_{i+1} ~ softmax(L[y_i] + B_x + s); "
+    "L = transition_logits[prev word index], B_x = mean of topic_bias over the prompt's topic words, "
+    "s = the source's word_bias; columns index response words = content_words + filler_words"
+)
+FEATURE_REWARD_FORMULA = (
+    "r(x, y) = sigmoid(sum_j unigram_weights[j] * count of (content_words + filler_words)[j] in y + "
+    "sum_j bigram_weights[j] * 1[some adjacent (a, b) in [last prompt word] + y, a a topic or content word, "
+    "b a content word, has (index(a) * hash_multiplier + index(b)) mod n_buckets == j] + bias)"
+)
+GROUP_SEMANTICS = (
+    "a group is a population of users: its prompts use its topic words, and alpha is the mixture its users "
+    "want; training labels use alpha_train for every group unless group_labels is true"
+)
+SOURCE_DESCRIPTIONS = {
+    "target": "Q_0, human-like: concise (stop_prob 0.2), avoids filler, favours style_words; labelled by the "
+    "golden r(alpha)",
+    "synthetic": "Q_1, the reference model's training text: verbose (stop_prob 0.08), filler-heavy; in the "
+    "training split labelled by a judge biased toward verbosity, s = r(alpha) + judge_bias * verbosity",
+    "pairs": "both responses of a pair come from the pair's source; train has round(target_fraction * n_train) "
+    "target pairs, eval round(eval_target_fraction * n_eval)",
+}
+CALIBRATION_DESCRIPTION = {
+    "formula": "h(y) = 1 / (alpha + a * (1 - p) / p), p = P(target | y) clipped to [1e-6, 1 - 1e-6], "
+    "alpha = target_fraction (training mix), a = 1 - alpha (OBJECTIVES.md 6.2)",
+    "pair_value": "calibration = mean of h over the pair's two responses (DoRA's per-list mean)",
+    "oracle": "calibration_oracle uses p = Q_0 / (Q_0 + Q_1) from the exact generator densities",
+}
+LABEL_DESCRIPTION = {
+    "train": "s(y) = r(alpha)(x, y) [+ judge_bias * verbosity(y) when source == synthetic]; alpha = alpha_train "
+    "(or the row's group alpha when group_labels); chosen = argmax s (bt_temperature 0) or BT-sampled with "
+    "P(a > b) = sigmoid((s(a) - s(b)) / bt_temperature); then exactly round(label_noise * n_train) rows, "
+    "drawn uniformly, are swapped (flipped = true)",
+    "eval": "chosen = argmax r(alpha)(x, y) with the same alpha rule; no judge bias, no BT sampling, no noise",
+    "ties": "pairs with equal texts or equal labelling scores are redrawn",
+    "why_deterministic": "argmax labels make the shift effect visible with ~1k pairs and keep label noise an "
+    "exact, separately controlled rate (E4); on the default eval pairs BT at T = 1 would flip 44% of "
+    "labels by itself (T = 0.1: 17%)",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorldConfig:
+    """The `synth.*` keys: everything that defines one world."""
+
+    seed: int = 0  # master seed; same seed -> same bytes
+    alpha_train: float = 0.1  # in [0, 1]: training labels come from alpha*r1 + (1-alpha)*r2 (WDPO alpha_o)
+    label_noise: float = 0.0  # in [0, 1]: exact fraction of training labels flipped after labelling
+    bt_temperature: float = 0.0  # >= 0: 0 = deterministic labels (argmax); T > 0 = Bradley-Terry sigma(dr/T)
+    judge_bias: float = 2.0  # >= 0: the synthetic judge's score is r(alpha) + judge_bias * verbosity
+    target_fraction: float = 0.25  # in [0, 1]: share of training pairs from the target (human) source
+    eval_target_fraction: float = 0.5  # in [0, 1]: share of eval pairs from the target source
+    group_alphas: tuple[float, ...] = (1.0, 0.0)  # mixture alpha each user group wants (g0, g1, ...)
+    group_weights: tuple[float, ...] = (0.5, 0.5)  # > 0: relative share of prompts from each group
+    group_labels: bool = False  # true: label each row at its group's alpha instead of alpha_train
+    n_train: int = 1024  # >= 2 training pairs
+    n_eval: int = 256  # >= 2 eval pairs (clean golden labels)
+    n_topic_words: int = 16  # >= number of groups: prompt words, split evenly among groups
+    n_content_words: int = 64  # >= 2: response words that carry reward
+    n_filler_words: int = 12  # >= 1: content-free response words (the verbosity artefact)
+    n_style_words: int = 8  # content words the target source favours
+    max_prompt_words: int = 4  # >= 1 words per prompt
+    max_response_words: int = 12  # >= 2 words per response
+    reward_logit_std: float = 1.5  # > 0: std of the content part of each r_k's logit on synthetic text
+    filler_penalty: float = 0.0  # >= 0: logit cost per filler word in r1, r2, r3 (people dislike filler)
+    n_classifier: int = 1024  # >= 20 responses per source for the stage-1 classifier (60/20/20 split)
+    ref_hidden_size: int = 64  # reference LlamaForCausalLM width
+    ref_layers: int = 2  # reference depth
+    ref_heads: int = 4  # attention heads (divides ref_hidden_size)
+    ref_steps: int = 800  # Adam steps of maximum likelihood (fresh generator samples each step)
+    ref_batch_size: int = 64  # sequences per step
+    ref_lr: float = 5e-3  # peak learning rate (linear warm-up 10%, cosine to 10%)
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(msg)
+
+        for key in ("alpha_train", "label_noise", "target_fraction", "eval_target_fraction"):
+            need(0.0 <= getattr(self, key) <= 1.0, f"synth.{key} must be in [0, 1], got {getattr(self, key)}")
+        need(self.bt_temperature >= 0, f"synth.bt_temperature must be >= 0, got {self.bt_temperature}")
+        need(self.judge_bias >= 0, f"synth.judge_bias must be >= 0, got {self.judge_bias}")
+        need(len(self.group_alphas) >= 1, "synth.group_alphas needs at least one group")
+        need(
+            len(self.group_alphas) == len(self.group_weights),
+            f"synth.group_alphas has {len(self.group_alphas)} entries but synth.group_weights "
+            f"has {len(self.group_weights)}",
+        )
+        need(all(0 <= a <= 1 for a in self.group_alphas), "synth.group_alphas must lie in [0, 1]")
+        need(all(w > 0 for w in self.group_weights), "synth.group_weights must be > 0")
+        need(self.n_train >= 2 and self.n_eval >= 2, "synth.n_train and synth.n_eval must be >= 2")
+        need(
+            self.n_topic_words >= len(self.group_alphas),
+            f"synth.n_topic_words must be >= the number of groups ({len(self.group_alphas)})",
+        )
+        need(
+            self.n_content_words >= 2 and self.n_filler_words >= 1, "need >= 2 content and >= 1 filler words"
+        )
+        need(
+            0 <= self.n_style_words <= self.n_content_words, "synth.n_style_words must be <= n_content_words"
+        )
+        need(
+            self.max_prompt_words >= 1 and self.max_response_words >= 2,
+            "max_prompt_words >= 1, max_response_words >= 2",
+        )
+        need(self.reward_logit_std > 0, "synth.reward_logit_std must be > 0")
+        need(self.filler_penalty >= 0, "synth.filler_penalty must be >= 0")
+        need(self.n_classifier >= 20, "synth.n_classifier must be >= 20")
+        need(
+            self.ref_steps >= 1 and self.ref_batch_size >= 1 and self.ref_lr > 0,
+            "ref_steps, ref_batch_size, ref_lr must be > 0",
+        )
+        need(self.ref_hidden_size % self.ref_heads == 0, "synth.ref_heads must divide synth.ref_hidden_size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SynthConfig:
+    """Config of the `synth` stage; the `run` stage nests the same `synth` section."""
+
+    synth: WorldConfig = field(default_factory=WorldConfig)
+
+
+def rng_for(seed: int, stream: str) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, STREAMS.index(stream)])))
+
+
+def _round(x) -> list | float:
+    """6 significant digits: world.json stays small and the stored numbers are the ones used."""
+    a = np.asarray(x, dtype=float)
+    return (
+        [float(f"{v:.6g}") for v in a.ravel()]
+        if a.ndim == 1
+        else ([_round(r) for r in a] if a.ndim > 1 else float(f"{float(a):.6g}"))
+    )
+
+
+def draw_world_spec(cfg: WorldConfig) -> dict:
+    """Draw every parameter of the world (vocabulary, generators, rewards, groups) from cfg.seed.
+
+    Returns the world.json dictionary without the classifier, reference and stats sections.
+    """
+    rng = rng_for(cfg.seed, "params")
+    topics = [f"t{i:02d}" for i in range(cfg.n_topic_words)]
+    content = [f"c{i:02d}" for i in range(cfg.n_content_words)]
+    filler = [f"f{i:02d}" for i in range(cfg.n_filler_words)]
+    words = topics + content + filler
+    n_resp = len(content) + len(filler)
+    style = sorted(int(i) for i in rng.permutation(len(content))[: cfg.n_style_words])
+    # Generators: first-order Markov chains, logits = transition[prev] + mean topic bias + source bias.
+    transition = rng.normal(0.0, 1.5, size=(len(words), n_resp))
+    topic_bias = rng.normal(0.0, 1.0, size=(len(topics), n_resp))
+    is_filler = np.r_[np.zeros(len(content)), np.ones(len(filler))]
+    is_style = np.zeros(n_resp)
+    is_style[style] = 1.0
+    sources = {
+        # Q_0, "human": concise, avoids filler, favours the style words (OBJECTIVES.md 8.3).
+        "target": {"stop_prob": 0.2, "word_bias": _round(-2.0 * is_filler + 1.5 * is_style)},
+        # Q_1, "synthetic": the reference model's own text, a verbose chain (long, filler-heavy).
+        "synthetic": {"stop_prob": 0.08, "word_bias": _round(1.5 * is_filler)},
+    }
+    n_buckets, mult = 32, 37
+    dim = cfg.n_content_words + n_buckets
+    w1 = rng.normal(size=dim)
+    w_perp = rng.normal(size=dim)
+    w_perp -= (w_perp @ w1) / (w1 @ w1) * w1
+    w_perp *= np.linalg.norm(w1) / np.linalg.norm(w_perp)
+    raw = {"r1": w1, "r2": -0.6 * w1 + 0.8 * w_perp, "r3": rng.normal(size=dim)}  # cos(w1, w2) = -0.6
+    groups = {}
+    per_group = np.array_split(np.arange(len(topics)), len(cfg.group_alphas))
+    for g, (alpha, weight, idx) in enumerate(zip(cfg.group_alphas, cfg.group_weights, per_group)):
+        groups[f"g{g}"] = {
+            "alpha": float(alpha),
+            "weight": float(weight),
+            "topic_words": [topics[i] for i in idx],
+        }
+    spec = {
+        "kind": WORLD_KIND,
+        "version": WORLD_VERSION,
+        "config": asdict(cfg),
+        "vocabulary": {
+            "words": words,
+            "topic_words": topics,
+            "content_words": content,
+            "filler_words": filler,
+            "style_words": [content[i] for i in style],
+            "tokenizer_id": "4 + index in words (after <pad> <unk> <bos> <eos>)",
+        },
+        "generator": {
+            "formula": GENERATOR_FORMULA,
+            "transition_logits": _round(transition),
+            "topic_bias": _round(topic_bias),
+            "sources": sources,
+        },
+        "features": {"n_buckets": n_buckets, "hash_multiplier": mult},
+        "rewards": {},
+        "reward_order": list(raw),
+        "mixture": {
+            "rewards": ["r1", "r2"],
+            "alpha_train": cfg.alpha_train,
+            "convex": "r(alpha) = alpha * r1 + (1 - alpha) * r2",
+            "geometric": "r(alpha) = r1^alpha * r2^(1 - alpha)",
+        },
+        "groups": groups,
+        "group_semantics": GROUP_SEMANTICS,
+        "sources": SOURCE_DESCRIPTIONS,
+        "calibration": CALIBRATION_DESCRIPTION,
+        "seeds": {
+            "seed": cfg.seed,
+            "streams": {name: f"numpy PCG64(SeedSequence([seed, {i}]))" for i, name in enumerate(STREAMS)},
+            "torch": "reference init: torch.manual_seed(draw of stream reference_init); training single-threaded",
+        },
+    }
+    # Scale each weight vector so its logit has std reward_logit_std on synthetic (reference) text and
+    # centre it there: rewards spread over (0, 1) instead of hugging 0.5 (BT labels stay informative).
+    # The filler penalty is added after scaling and is included in the centring.
+    world = World({**spec, "rewards": {k: _feature_reward(np.zeros(dim), 0.0, cfg) for k in raw}})
+    srng = rng_for(cfg.seed, "reward_scale")
+    prompts, _ = world.sample_prompts(4096, srng)
+    counts, buckets = world.features(prompts, world.sample("synthetic", prompts, srng))
+    n_c = cfg.n_content_words
+    phi = np.concatenate([counts[:, :n_c], buckets], axis=1)
+    n_filler = counts[:, n_c:].sum(axis=1)
+    for k, w in raw.items():
+        z = phi @ w
+        scale = cfg.reward_logit_std / z.std()
+        centre = (z * scale - cfg.filler_penalty * n_filler).mean()
+        spec["rewards"][k] = _feature_reward(w * scale, -centre, cfg)
+    spec["rewards"]["verbosity"] = {
+        "kind": "filler_fraction",
+        "formula": "verbosity(y) = #filler words in y / max(#words in y, 1)",
+        "role": "the synthetic judge's artefact (each filler word costs filler_penalty in r1, r2, r3)",
+    }
+    spec["rewards"]["length"] = {
+        "kind": "length",
+        "formula": "length(y) = min(#words in y, max_response_words) / max_response_words",
+    }
+    spec["reward_order"] = list(spec["rewards"])
+    return json.loads(json.dumps(spec))  # the stored numbers, exactly
+
+
+def _feature_reward(w: np.ndarray, bias: float, cfg: WorldConfig) -> dict:
+    return {
+        "kind": "feature_sigmoid",
+        "formula": FEATURE_REWARD_FORMULA,
+        "unigram_weights": _round(
+            np.r_[w[: cfg.n_content_words], np.full(cfg.n_filler_words, -cfg.filler_penalty)]
+        ),
+        "bigram_weights": _round(w[cfg.n_content_words :]),
+        "bias": _round(bias),
+    }
+
+
+def generate_world(cfg: SynthConfig | WorldConfig, output_dir: str | Path, log=print) -> WorldPaths:
+    """Generate the world of `cfg` into `output_dir` (overwriting its files) and return the paths.
+
+    Args:
+        cfg: a SynthConfig (or its `synth` WorldConfig).
+        output_dir: the world directory.
+        log: progress printer (one line per step).
+    """
+    import transformers
+
+    from pipelines.toy_models import build_word_tokenizer
+
+    wc = cfg.synth if isinstance(cfg, SynthConfig) else cfg
+    paths = world_paths(output_dir)
+    paths.train.parent.mkdir(parents=True, exist_ok=True)
+    transformers.logging.set_verbosity_error()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    # [1] Parameters: vocabulary, generators, rewards, groups.
+    spec = draw_world_spec(wc)
+    world = World(spec)
+    timings["params_s"] = time.perf_counter() - t0
+    log(f"[1/5] world drawn: {len(world.words)} words, rewards {', '.join(world.reward_names)}")
+
+    # [2] Stage-1 source classifier (DoRA, OBJECTIVES.md 6.2): target vs synthetic responses.
+    t = time.perf_counter()
+    spec["classifier"] = fit_source_classifier(world, wc, rng_for(wc.seed, "classifier"))
+    spec = json.loads(json.dumps(spec))
+    world = World(spec)
+    timings["classifier_s"] = time.perf_counter() - t
+    log(
+        f"[2/5] source classifier: held-out accuracy {spec['classifier']['heldout_accuracy']:.3f}, "
+        f"ECE {spec['classifier']['heldout_ece']:.3f}"
+    )
+
+    # [3] Preference pairs: train labelled by alpha_train (+ judge bias, BT, noise); eval clean.
+    t = time.perf_counter()
+    train = build_pairs(world, wc, wc.n_train, wc.target_fraction, rng_for(wc.seed, "train"), split="train")
+    evals = build_pairs(world, wc, wc.n_eval, wc.eval_target_fraction, rng_for(wc.seed, "eval"), split="eval")
+    write_parquet(train, paths.train)
+    write_parquet(evals, paths.eval)
+    spec["stats"] = {"train": split_stats(world, train, wc), "eval": split_stats(world, evals, wc)}
+    spec["labels"] = LABEL_DESCRIPTION
+    timings["pairs_s"] = time.perf_counter() - t
+    log(f"[3/5] pairs: {len(train['prompt'])} train, {len(evals['prompt'])} eval -> {paths.train.parent}")
+
+    # [4] Tokenizer (word level, chat template) and [5] the reference model trained by ML on Q_synthetic.
+    t = time.perf_counter()
+    tokenizer = build_word_tokenizer(world.words, chat_template=CHAT_TEMPLATE)
+    if tokenizer.convert_tokens_to_ids(world.words[0]) != 4:
+        raise AssertionError("tokenizer ids must be 4 + world word index")
+    tokenizer.save_pretrained(paths.tokenizer)
+    log(f"[4/5] tokenizer: {len(tokenizer)} tokens -> {paths.tokenizer}")
+    model, ref_stats = train_reference_model(
+        world,
+        wc,
+        tokenizer,
+        rng_for(wc.seed, "reference_data"),
+        rng_for(wc.seed, "reference_init"),
+        log=log,
+    )
+    model.save_pretrained(paths.reference_model)
+    tokenizer.save_pretrained(paths.reference_model)
+    spec["reference_model"] = ref_stats
+    timings["reference_model_s"] = time.perf_counter() - t
+    log(
+        f"[5/5] reference model: NLL/token {ref_stats['nll_per_token']:.3f} (generator "
+        f"{ref_stats['generator_nll_per_token']:.3f}, uniform {ref_stats['uniform_nll_per_token']:.3f}) "
+        f"-> {paths.reference_model}"
+    )
+
+    spec["files"] = {
+        "tokenizer": "tokenizer",
+        "reference_model": "reference_model",
+        "train": "data/train.parquet",
+        "eval": "data/eval.parquet",
+        "columns": list(PAIR_COLUMNS),
+    }
+    paths.world_json.write_text(json.dumps(spec, indent=1, sort_keys=True) + "\n")
+    dump(SynthConfig(synth=wc), paths.config)
+    timings["total_s"] = time.perf_counter() - t0
+    (paths.root / "timings.json").write_text(
+        json.dumps({k: round(v, 3) for k, v in timings.items()}, indent=1)
+    )
+    log(f"world written to {paths.root} in {timings['total_s']:.1f} s")
+    return paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True, help="world directory to write")
+    parser.add_argument("--config", default=None, help="optional YAML with a `synth:` section")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="regenerate even if DIR already holds a world with the same settings",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. synth.seed=3 synth.label_noise=0.2"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load(SynthConfig, args.config, args.overrides)
+    out = Path(args.output)
+    existing = out / WORLD_FILE
+    if existing.is_file() and not args.force:
+        try:
+            old = json.loads(existing.read_text()).get("config")
+        except json.JSONDecodeError:
+            old = None
+        if old == json.loads(json.dumps(asdict(cfg.synth))):
+            print(
+                f"world already generated in {out} with the same settings; reusing it (--force regenerates)"
+            )
+            return 0
+        raise UserError(
+            f"'{out}' holds a world generated with different settings; use --force or another --output"
+        )
+    generate_world(cfg, out)
+    return 0

@@ -1,0 +1,385 @@
+"""Typed, strict configuration of the train stage, and the checks made before any worker starts.
+
+`load_train_config(path, overrides)` builds a `TrainStageConfig` from dataclass defaults <- YAML <-
+`key=value` overrides (STYLE.md G6).  The `objective` section is open-ended by design: its keys are
+`name` plus the hyperparameters of that objective, validated against
+`robust_objectives.objective_hyperparameters(name)`, so adding an objective touches no pipeline code
+(G8).  `check_train_inputs(cfg)` validates the data, the model and the batch arithmetic up front and
+raises `UserError` (exit 2) before Ray starts a worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+from pipelines import config as config_lib
+from pipelines import schema
+from pipelines.errors import UserError
+
+# Keys a rerun with the same --output may change without invalidating the checkpoints there:
+# they change how long or where the run goes, not what a step computes.
+RESUMABLE_CHANGES = (
+    "train.max_steps",
+    "train.epochs",
+    "train.max_failures",
+    "train.num_workers",
+    "train.use_gpu",
+    "train.cpus_per_worker",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.eval_every",
+    "reference.cache_dir",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    path: str  # HF causal LM: a local dir (or a cached hub id) loadable with from_pretrained; required
+    attn_implementation: str = "auto"  # auto | eager | sdpa; auto = eager for objectives that need double backward (wdpo), else sdpa
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainDataConfig:
+    path: str  # a dataset written by `robust-dpo data` (DIR with manifest.json); required
+    train_split: str = "train"  # split folder to train on
+    eval_split: str = "auto"  # split for eval metrics; auto = "eval" when present, "none" = no evaluation
+    shuffle_buffer: int = 10000  # rows; per-epoch seeded local shuffle buffer, 0 = file order
+    max_eval_pairs: int = 0  # pairs (or lists) evaluated per evaluation, 0 = the whole split
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveConfig:
+    name: str  # a key of robust_objectives.OBJECTIVES; required
+    hyperparameters: dict = field(default_factory=dict)  # resolved: defaults <- user values (beta, tau, ...)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainLoopConfig:
+    lr: float = 1e-6  # peak learning rate, AdamW; 1e-7 .. 1e-3 (toy models like 1e-3)
+    batch_size: int = 8  # global pairs (or lists) per optimizer step, summed over workers and micro-steps
+    micro_batch_size: int = 4  # pairs per worker per forward; batch_size / (micro_batch_size * num_workers) = accumulation steps
+    max_steps: int = 0  # optimizer steps; 0 = train.epochs full passes over the train split
+    epochs: int = 1  # passes over the train split when max_steps = 0; 1 .. 100
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = fp32 master weights + bf16 autocast; log-probs always fp32
+    num_workers: int = 1  # Ray Train workers (one GPU each when use_gpu); >= 1
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 1.0  # logical CPUs reserved per worker
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # ddp = replicated model + averaged gradients; fsdp = torch FSDP2 sharding
+    seed: int = 0  # seeds LoRA init, data shuffle and per-step RNG
+    checkpoint_every: int = 10  # optimizer steps between reports; every report carries a checkpoint
+    keep_checkpoints: int = 2  # checkpoints kept on disk (the latest ones); >= 1
+    eval_every: int = 0  # optimizer steps between evaluations (done at a report); 0 = at every report
+    max_failures: int = 0  # worker-group restarts from the last checkpoint; -1 = unlimited
+    warmup_steps: int = 0  # linear warmup from 0 to lr, in optimizer steps
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # after warmup; linear/cosine decay to 0 at the last step
+    weight_decay: float = 0.0  # AdamW decoupled weight decay; 0 .. 0.1
+    max_grad_norm: float = 1.0  # global gradient-norm clip; 0 = no clipping (the norm is still logged)
+    global_accumulation: bool = True  # batch-coupled objectives take statistics over the whole optimizer step (all micro-steps), at one extra no-grad forward per micro-step
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraSectionConfig:
+    r: int = 0  # LoRA rank; 0 = full fine-tuning, 8 .. 64 typical
+    alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the LoRA branch; 0 .. 0.1
+    target_modules: list[str] = field(default_factory=list)  # module names; empty = peft's default for the architecture
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReferenceConfig:
+    mode: Literal["live", "precomputed"] = "live"  # live = reference forward each step; precomputed = cached columns from `robust-dpo reference`
+    cache_dir: str = ""  # precomputed cache root; "" = $ROBUST_DPO_CACHE or ~/.cache/robust-dpo/reference
+    batch_size: int = 16  # pairs per forward in the precompute actors
+    concurrency: int = 1  # precompute actors (one GPU each when train.use_gpu)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainStageConfig:
+    model: ModelConfig
+    data: TrainDataConfig
+    objective: ObjectiveConfig
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    lora: LoraSectionConfig = field(default_factory=LoraSectionConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    output: str = ""  # run directory (the CLI's --output); checkpoints, metrics.csv, final_model go here
+
+
+# [1] Building the config -------------------------------------------------------------------------
+
+
+def _objective_registry():
+    import robust_objectives
+
+    return robust_objectives
+
+
+def resolve_objective_config(values: Mapping[str, Any] | None) -> ObjectiveConfig:
+    """Build the objective section: `name` plus that objective's hyperparameters, strictly.
+
+    Args:
+        values: the user's `objective` mapping, e.g. {"name": "kldpo", "beta": 0.1, "tau": 0.5}.
+
+    Returns:
+        ObjectiveConfig with every hyperparameter resolved (defaults filled in, types coerced to
+        the default's type).
+
+    Raises:
+        UserError: missing or unknown name, or a hyperparameter the objective does not take (the
+            message names the valid ones).
+    """
+    values = dict(values or {})
+    if "hyperparameters" in values and isinstance(values["hyperparameters"], Mapping):
+        values = {**values.pop("hyperparameters"), **values}  # accept asdict()'s nested form too
+    registry = _objective_registry()
+    name = values.pop("name", None)
+    if name is None:
+        raise UserError(
+            f"config key 'objective.name' is required; valid names: {', '.join(sorted(registry.OBJECTIVES))}"
+        )
+    if name not in registry.OBJECTIVES:
+        raise UserError(
+            f"config key 'objective.name': unknown objective {name!r}; valid names: "
+            f"{', '.join(sorted(registry.OBJECTIVES))}"
+        )
+    defaults = dict(registry.objective_hyperparameters(name))
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise UserError(
+            f"config key 'objective.{unknown[0]}': objective {name!r} has no hyperparameter "
+            f"{unknown[0]!r}; valid: {', '.join(sorted(defaults)) or '(none)'}"
+        )
+    resolved = {}
+    for key, default in defaults.items():
+        value = values.get(key, default)
+        if key in values and default is not None:
+            value = config_lib._coerce(value, type(default), f"objective.{key}")
+        resolved[key] = value
+    try:
+        registry.validate_hyperparameters(name, resolved)
+    except ValueError as exc:
+        raise UserError(f"config key 'objective': {exc}") from None
+    return ObjectiveConfig(name=name, hyperparameters=resolved)
+
+
+def build_train_config(values: Mapping[str, Any]) -> TrainStageConfig:
+    """Build a TrainStageConfig from a nested mapping (the user-facing form; see train_config_to_dict)."""
+    values = dict(values)
+    if not isinstance(values.get("objective", {}), Mapping):
+        raise UserError("config key 'objective': expected a mapping with 'name' and hyperparameters")
+    objective = resolve_objective_config(values.pop("objective", None))
+    cfg = config_lib.build(TrainStageConfig, {**values, "objective": objective})
+    check_train_config(cfg)
+    return cfg
+
+
+def load_train_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainStageConfig:
+    """Defaults <- YAML file at `path` <- `key=value` overrides, built strictly (UserError on bad keys)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = config_lib.load_yaml(path)
+    values = config_lib.deep_merge(values, config_lib.parse_overrides(overrides))
+    return build_train_config(values)
+
+
+def train_config_to_dict(cfg: TrainStageConfig) -> dict[str, Any]:
+    """The user-facing nested dict: the objective section flattened to {name, beta, ...}.
+
+    `build_train_config(train_config_to_dict(cfg)) == cfg`; this dict is what crosses the Ray
+    boundary as `train_loop_config` and what is written to DIR/config.yaml.
+    """
+    out = dataclasses.asdict(cfg)
+    out["objective"] = {"name": cfg.objective.name, **cfg.objective.hyperparameters}
+    return out
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1} (for comparing a rerun's config with the saved one)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+# [2] Checks that need no data or model ----------------------------------------------------------
+
+
+def check_train_config(cfg: TrainStageConfig) -> None:
+    """Range and consistency checks on the values alone; UserError naming the key."""
+    t = cfg.train
+    positive = {
+        "train.batch_size": t.batch_size,
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.num_workers": t.num_workers,
+        "train.checkpoint_every": t.checkpoint_every,
+        "train.keep_checkpoints": t.keep_checkpoints,
+        "train.epochs": t.epochs,
+        "reference.batch_size": cfg.reference.batch_size,
+        "reference.concurrency": cfg.reference.concurrency,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise UserError(f"config key '{key}' must be >= 1, got {value}")
+    for key, value in {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
+                       "train.warmup_steps": t.warmup_steps, "lora.r": cfg.lora.r,
+                       "data.shuffle_buffer": cfg.data.shuffle_buffer,
+                       "data.max_eval_pairs": cfg.data.max_eval_pairs}.items():
+        if value < 0:
+            raise UserError(f"config key '{key}' must be >= 0, got {value}")
+    if not t.lr > 0:
+        raise UserError(f"config key 'train.lr' must be > 0, got {t.lr}")
+    if t.max_grad_norm < 0 or t.weight_decay < 0:
+        raise UserError("config keys 'train.max_grad_norm' and 'train.weight_decay' must be >= 0")
+    per_step = t.micro_batch_size * t.num_workers
+    if t.batch_size % per_step:
+        raise UserError(
+            f"config key 'train.batch_size'={t.batch_size} is not a multiple of train.micro_batch_size x "
+            f"train.num_workers = {t.micro_batch_size} x {t.num_workers} = {per_step}"
+        )
+    if cfg.model.attn_implementation not in ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention"):
+        raise UserError(
+            f"config key 'model.attn_implementation': {cfg.model.attn_implementation!r} is not one of "
+            "auto, eager, sdpa, flash_attention_2, flex_attention"
+        )
+    registry = _objective_registry()
+    name = cfg.objective.name
+    if cfg.reference.mode == "precomputed" and name in registry.TOKEN_LEVEL:
+        raise UserError(
+            f"objective {name!r} is token-level: it needs the reference's full-vocabulary distribution at "
+            "every response position, which is not stored by the precompute; use reference.mode=live"
+        )
+    if name in registry.NEEDS_EMBEDDINGS and cfg.model.attn_implementation not in ("auto", "eager"):
+        raise UserError(
+            f"objective {name!r} differentiates twice through attention; model.attn_implementation="
+            f"{cfg.model.attn_implementation!r} has no double backward, use 'eager' (or 'auto')"
+        )
+    if name in registry.NEEDS_EMBEDDINGS and t.strategy == "fsdp":
+        raise UserError(
+            f"objective {name!r} needs a double backward through the input embeddings, which FSDP's "
+            "sharded parameters do not support here; use train.strategy=ddp"
+        )
+
+
+def accumulation_steps(cfg: TrainStageConfig) -> int:
+    """Micro-steps per optimizer step on each worker."""
+    return cfg.train.batch_size // (cfg.train.micro_batch_size * cfg.train.num_workers)
+
+
+def attention_implementation(cfg: TrainStageConfig) -> str:
+    """The attention kernel to load the model with.
+
+    WDPO's penalty is differentiated again (double backward through attention).  PyTorch's fused
+    SDPA kernels have no double backward ("derivative for aten::_scaled_dot_product_flash_attention_
+    for_cpu_backward is not implemented"), so objectives that need input embeddings get the eager
+    (matmul + softmax) path; everything else gets SDPA.
+    """
+    if cfg.model.attn_implementation != "auto":
+        return cfg.model.attn_implementation
+    return "eager" if cfg.objective.name in _objective_registry().NEEDS_EMBEDDINGS else "sdpa"
+
+
+# [3] Checks against the data and the model (driver side, before workers start) -----------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetInfo:
+    """What the driver learned about the dataset: enough to plan steps and validate columns."""
+
+    path: str  # dataset directory
+    format: str  # "pairs" or "listwise"
+    train_rows: int  # rows in the train split
+    eval_split: str | None  # the resolved eval split, None = no evaluation
+    eval_rows: int  # rows in the eval split (0 without one)
+    columns: tuple[str, ...]  # columns of the train split
+    manifest: dict  # the dataset's manifest.json
+
+
+def count_split(directory: Path) -> tuple[int, tuple[str, ...]]:
+    """Rows and column names of a split folder of parquet files (from footers only)."""
+    import pyarrow.parquet as pq
+
+    files = sorted(directory.rglob("*.parquet"))
+    if not files:
+        raise UserError(f"split folder '{directory}' holds no parquet files")
+    rows = 0
+    columns: tuple[str, ...] = ()
+    for f in files:
+        meta = pq.ParquetFile(f)
+        rows += meta.metadata.num_rows
+        columns = tuple(meta.schema_arrow.names)
+    return rows, columns
+
+
+def inspect_dataset(cfg: TrainStageConfig) -> DatasetInfo:
+    """Check `data.path` is a robust-dpo dataset fit for the objective; count its rows."""
+    manifest = schema.read_manifest(cfg.data.path)
+    registry = _objective_registry()
+    name = cfg.objective.name
+    fmt = manifest.get("format")
+    if name in registry.LISTWISE and fmt != "listwise":
+        raise UserError(f"objective {name!r} is listwise but dataset '{cfg.data.path}' has format {fmt!r}")
+    if name not in registry.LISTWISE and fmt != "pairs":
+        raise UserError(
+            f"objective {name!r} takes pairs but dataset '{cfg.data.path}' has format {fmt!r}; "
+            "use dpo_pl or dora_pl for listwise data"
+        )
+    train_rows, columns = count_split(schema.split_dir(cfg.data.path, cfg.data.train_split))
+    needed = schema.LIST_TOKEN_COLUMNS + ("scores",) if fmt == "listwise" else schema.PAIR_TOKEN_COLUMNS
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise UserError(f"dataset '{cfg.data.path}' split '{cfg.data.train_split}' lacks column(s) {missing}")
+    if name in getattr(registry, "NEEDS_CALIBRATION", ()) and "calibration" not in columns:
+        raise UserError(
+            f"objective {name!r} needs a 'calibration' column (DoRA's h~); dataset '{cfg.data.path}' has none"
+        )
+    eval_split: str | None
+    if cfg.data.eval_split == "none":
+        eval_split = None
+    elif cfg.data.eval_split == "auto":
+        eval_split = "eval" if "eval" in manifest["splits"] else None
+    else:
+        schema.split_dir(cfg.data.path, cfg.data.eval_split)  # UserError naming the splits
+        eval_split = cfg.data.eval_split
+    eval_rows = count_split(Path(cfg.data.path) / eval_split)[0] if eval_split else 0
+    steps_per_epoch = train_rows // cfg.train.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"dataset '{cfg.data.path}' split '{cfg.data.train_split}' has {train_rows} rows, fewer than "
+            f"train.batch_size={cfg.train.batch_size}"
+        )
+    return DatasetInfo(
+        path=str(cfg.data.path), format=fmt, train_rows=train_rows, eval_split=eval_split,
+        eval_rows=eval_rows, columns=columns, manifest=manifest,
+    )
+
+
+def check_model(cfg: TrainStageConfig) -> None:
+    """Load the model's config (not its weights) and check it is a causal LM; UserError otherwise."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = cfg.model.path
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any load failure is the user's path
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"config key 'model.path': cannot load a model config from '{path}' ({first})") from None
+    if model_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(
+            f"config key 'model.path': '{path}' is a {model_config.model_type!r} model, not a causal LM"
+        )
+
+
+def total_steps(cfg: TrainStageConfig, info: DatasetInfo) -> int:
+    """Optimizer steps of the whole run: max_steps, or epochs x full global batches per epoch."""
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    return cfg.train.epochs * (info.train_rows // cfg.train.batch_size)
+

@@ -1,0 +1,150 @@
+"""Checkpoint contents of the train stage: what a restart needs to continue bit-for-bit.
+
+A checkpoint directory holds
+    trainable.pt      the trainable parameters (all weights for full fine-tuning, the LoRA adapters
+                      otherwise), full (unsharded) tensors
+    optimizer.pt      optimizer state (full, unsharded) and LR-scheduler state
+    train_state.json  {"step": optimizer steps done, "history": [metrics rows reported so far]}
+    final_model/      only in the last checkpoint: an HF model dir (LoRA merged) + tokenizer
+The data position is the step (the data order is a pure function of seed, epoch and step) and the
+RNG is reseeded per micro-step from (seed, step, rank), so neither needs saving.  The metrics
+history rides in every checkpoint because Ray Train V2 keeps only the metrics attached to kept
+checkpoints: the driver writes DIR/metrics.csv from the latest checkpoint's history, which survives
+worker restarts and driver reruns alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TRAINABLE_FILE = "trainable.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "train_state.json"
+FINAL_MODEL_DIR = "final_model"
+
+
+def _is_sharded(model) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the trainable parameters (a collective under FSDP: every rank calls it)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v for k, v in full.items() if k in names}
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_state_dict(model, optimizer) -> dict[str, Any]:
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return optimizer.state_dict()
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, *, step: int, history: list[dict],
+                    rank: int) -> None:
+    """Write the checkpoint files (rank 0 writes; under FSDP every rank joins the gathers)."""
+    weights = trainable_state_dict(model)
+    optim = optimizer_state_dict(model, optimizer)
+    if rank != 0:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(weights, directory / TRAINABLE_FILE)
+    torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, directory / OPTIMIZER_FILE)
+    (directory / STATE_FILE).write_text(json.dumps({"step": step, "history": history}))
+
+
+def read_train_state(directory: str | Path) -> dict[str, Any]:
+    """{"step": int, "history": [...]} of a checkpoint directory."""
+    return json.loads((Path(directory) / STATE_FILE).read_text())
+
+
+def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    """Restore weights, optimizer and scheduler on this rank; return the train state."""
+    weights = torch.load(directory / TRAINABLE_FILE, map_location="cpu", weights_only=True)
+    saved = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        missing = sorted(trainable - set(weights))[:3]
+        raise RuntimeError(f"checkpoint {directory} does not match the model's trainable parameters (e.g. {missing})")
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, weights, options=options)
+        set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=options)
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return read_train_state(directory)
+
+
+def save_final_model(directory: Path, model, *, model_path: str, lora: bool, weights: dict | None = None) -> Path:
+    """Write an HF model dir loadable with from_pretrained: LoRA merged into the base, + tokenizer.
+
+    Args:
+        directory: target folder (created).
+        model: the trained policy (peft-wrapped with LoRA).  Under FSDP pass `weights` (the full
+            trainable state) instead and a fresh CPU copy is built from `model_path`.
+        model_path: the base model path (tokenizer source; base weights for the FSDP path).
+        lora: whether `model` carries LoRA adapters.
+        weights: full trainable state dict (FSDP), or None.
+    """
+    from transformers import AutoTokenizer
+
+    from pipelines import model as model_lib
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if weights is not None:  # sharded: rebuild a full copy on CPU and load the gathered weights
+        attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        fresh = model_lib.load_causal_lm(model_path, attn_implementation=attn)
+        if lora:
+            peft_config = model.peft_config["default"]
+            from peft import get_peft_model
+
+            fresh = get_peft_model(fresh, peft_config)
+        params = dict(fresh.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        model = fresh
+    if lora:
+        model = model.merge_and_unload()
+    model.save_pretrained(directory)
+    try:
+        AutoTokenizer.from_pretrained(model_path).save_pretrained(directory)
+    except (OSError, ValueError):
+        pass  # a model path without a tokenizer: the model dir is still complete
+    return directory
+
+
+def find_latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint_* folder under `root` with the most steps done (driver side, no Ray)."""
+    best, best_step = None, -1
+    for state in root.glob("checkpoint_*/" + STATE_FILE):
+        try:
+            step = read_train_state(state.parent)["step"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if step > best_step:
+            best, best_step = state.parent, step
+    return best

@@ -1,0 +1,337 @@
+"""One optimizer step and one evaluation pass of a data-parallel worker; torch.distributed, no Ray.
+
+What is global (STYLE.md G8: decided once, here):
+- Gradients: every worker backpropagates loss / A for each of its A micro-batches, then the
+  gradients are averaged over the W workers (`all_reduce_gradients`, a bucketed all-reduce: the
+  DDP computation, done after the last micro-step) or reduced by FSDP.  The optimizer therefore
+  sees the gradient of the mean over all W x A micro-batches.
+- Batch-coupled objectives (robust_objectives.BATCH_COUPLED: kldpo, drdpo, dora, dora_pl, wdpo with
+  penalty="sqrt") get `gather`, an all-gather of the detached per-example values they ask for.
+  Within one micro-step that is the W workers' micro-batches.  With `global_accumulation` and A > 1
+  it is the whole optimizer step: a first no-grad pass over the A micro-batches records what the
+  objective gathers, the records are all-gathered once, and in the gradient pass `gather` returns
+  all W x A micro-batches' values (the current micro-batch's own values in place).  The objective's
+  loss then has the whole step's value, and its gradients averaged over W x A contributors are the
+  whole step's gradient (robust_objectives/global_batch.py).  Cost: one extra policy forward per
+  micro-step, for coupled objectives only; each micro-step is seeded identically in both passes.
+- Metrics: per-pair means are weighted by pairs and summed over micro-steps and workers
+  (all-reduce) before anyone reports them, so rank 0's report is the global value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from pipelines import model as model_lib
+
+REWARD_KEYS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+BUCKET_ELEMENTS = 2**24  # gradient all-reduce bucket (64 MiB of fp32)
+
+
+@dataclass
+class StepContext:
+    """Everything a step needs besides the models and data (built once per worker)."""
+
+    objective: Callable[..., Any]  # robust_objectives function
+    hyperparameters: dict  # its keyword arguments
+    listwise: bool  # ListwiseLogps instead of PreferenceLogps
+    needs_vocab: bool  # token-level objective
+    needs_embeddings: bool  # WDPO
+    batch_coupled: bool  # pass `gather`
+    live_reference: bool  # False: reference log-probs come from batch columns
+    precision: str = "fp32"
+    max_grad_norm: float = 1.0
+    global_accumulation: bool = True
+    world_size: int = 1
+    rank: int = 0
+    seed: int = 0
+    sync_gradients: bool = True  # False under FSDP (it reduces gradients itself)
+    uses_gather: Optional[bool] = field(default=None)  # learned on the first coupled step
+
+    @property
+    def beta(self) -> float:
+        return float(self.hyperparameters.get("beta", 1.0))
+
+
+# [1] Collectives -----------------------------------------------------------------------------
+
+
+def all_gather_detached(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Concatenate equal-shape detached tensors of every worker along dim 0, in rank order."""
+    tensor = tensor.detach().contiguous()
+    if world_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_reduce_gradients(parameters: Sequence[torch.nn.Parameter], world_size: int) -> None:
+    """Average .grad over workers in flat buckets (what DDP does, after the last micro-step).
+
+    A trainable parameter without a gradient gets zeros, so every worker reduces the same buckets.
+    """
+    if world_size == 1:
+        return
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for p in list(parameters) + [None]:
+        if p is not None:
+            bucket.append(p.grad)
+            size += p.grad.numel()
+        if bucket and (p is None or size >= BUCKET_ELEMENTS):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= world_size
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+            bucket, size = [], 0
+
+
+# [2] One micro-batch ---------------------------------------------------------------------------
+
+
+def compute_reference(policy, reference, batch, ctx: StepContext) -> Optional[model_lib.RowLogps]:
+    if not ctx.live_reference:
+        return None
+    return model_lib.compute_reference_row_logps(
+        policy, reference, batch, vocab=ctx.needs_vocab, precision=ctx.precision
+    )
+
+
+def compute_objective(policy, batch, reference_logps, ctx: StepContext, gather, *, objective_grad: bool = True):
+    """Policy forward + objective on one collated micro-batch.
+
+    Returns:
+        (ObjectiveOutput, inputs) where inputs is the PreferenceLogps / ListwiseLogps given to it.
+    """
+    policy_logps = model_lib.compute_row_logps(
+        policy, batch, vocab=ctx.needs_vocab, embeddings=ctx.needs_embeddings, precision=ctx.precision
+    )
+    build = model_lib.build_listwise_logps if ctx.listwise else model_lib.build_preference_logps
+    inputs = build(batch, policy_logps, reference_logps)
+    with torch.set_grad_enabled(objective_grad):
+        out = ctx.objective(inputs, **ctx.hyperparameters, gather=gather if ctx.batch_coupled else None)
+    return out, inputs
+
+
+def summarize_micro_batch(out, inputs, batch, ctx: StepContext) -> dict[str, float]:
+    """Per-micro-batch metric means: TRL's reward metrics (implicit reward beta (policy - ref)),
+    the loss, and the objective's own metrics (renamed objective/<key> if they collide).
+
+    Listwise: "chosen" is the top-scored response of each list, "rejected" the bottom-scored one.
+    """
+    with torch.no_grad():
+        if ctx.listwise:
+            order = torch.argsort(inputs.scores, dim=-1, descending=True, stable=True)
+            policy = inputs.policy_logps.detach().float().gather(-1, order)
+            reference = inputs.reference_logps.float().gather(-1, order)
+            pc, pr, rc, rr = policy[:, 0], policy[:, -1], reference[:, 0], reference[:, -1]
+        else:
+            pc, pr = inputs.policy_chosen_logps.detach().float(), inputs.policy_rejected_logps.detach().float()
+            rc, rr = inputs.reference_chosen_logps.float(), inputs.reference_rejected_logps.float()
+        chosen_rewards, rejected_rewards = ctx.beta * (pc - rc), ctx.beta * (pr - rr)
+        metrics = {
+            "loss": float(out.loss.detach()),
+            "rewards/chosen": float(chosen_rewards.mean()),
+            "rewards/rejected": float(rejected_rewards.mean()),
+            "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().mean()),
+            "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
+            "logps/chosen": float(pc.mean()),
+            "logps/rejected": float(pr.mean()),
+        }
+        for key, value in out.metrics.items():
+            name = f"objective/{key}" if key in metrics else key
+            metrics[name] = float(value.detach().float())
+    return metrics
+
+
+class MetricSums:
+    """Pair-weighted sums of metric means, all-reduced across workers in one collective."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weight = 0.0
+        self.tokens = 0.0
+        self.positions = 0.0
+
+    def add(self, metrics: Mapping[str, float], pairs: int, tokens: int = 0, positions: int = 0) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value * pairs
+        self.weight += pairs
+        self.tokens += tokens
+        self.positions += positions
+
+    def reduce(self, world_size: int, device, keys: Sequence[str] | None = None) -> dict[str, float]:
+        """Global means (every worker must call this with the same `keys`, in the same order)."""
+        keys = list(keys if keys is not None else sorted(self.sums))
+        values = [self.sums.get(k, 0.0) for k in keys] + [self.weight, self.tokens, self.positions]
+        total = all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device), world_size).tolist()
+        weight, tokens, positions = total[-3:]
+        out = {k: v / weight if weight else math.nan for k, v in zip(keys, total[:-3])}
+        out["pairs"] = weight
+        out["tokens"] = tokens
+        out["padding_fraction"] = 1.0 - tokens / positions if positions else math.nan
+        return out
+
+
+# [3] One optimizer step ------------------------------------------------------------------------
+
+
+def _seed_micro_step(ctx: StepContext, step: int, micro: int) -> None:
+    # Per-(step, rank, micro-step) seeds: dropout masks are reproducible after a restart and equal
+    # in both passes of global accumulation, with no RNG state to checkpoint.
+    torch.manual_seed(((ctx.seed * 1_000_003 + step) * 1009 + ctx.rank) * 101 + micro)
+
+
+class _Recorder:
+    """`gather` of the first pass: records what the objective gathers, returns it unchanged."""
+
+    def __init__(self) -> None:
+        self.calls: list[torch.Tensor] = []
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tensor.detach().clone())
+        return tensor.detach()
+
+
+class _Replay:
+    """`gather` of the second pass: the whole step's values, this micro-batch's own ones in place."""
+
+    def __init__(self, full: list[torch.Tensor], offset: int) -> None:
+        self.full, self.offset, self.call = full, offset, 0
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        values = self.full[self.call].clone()
+        self.call += 1
+        values[self.offset : self.offset + tensor.shape[0]] = tensor.detach()
+        return values
+
+
+def _record_step_statistics(policy, reference, micro_batches, ctx, step, references):
+    """First pass of global accumulation: the objective's gathered values for every micro-batch,
+    all-gathered across workers.  Returns per-call tensors of shape (W * A * B, ...) laid out as
+    [rank][micro-step][pair], or None if the objective gathers nothing (e.g. wdpo pointwise)."""
+    records: list[list[torch.Tensor]] = []
+    for m, batch in enumerate(micro_batches):
+        _seed_micro_step(ctx, step, m)
+        recorder = _Recorder()
+        with torch.set_grad_enabled(ctx.needs_embeddings):
+            compute_objective(policy, batch, references[m], ctx, recorder, objective_grad=False)
+        if not recorder.calls:
+            return None
+        records.append(recorder.calls)
+    calls = len(records[0])
+    local = [torch.cat([records[m][j] for m in range(len(micro_batches))]) for j in range(calls)]
+    return [all_gather_detached(t, ctx.world_size) for t in local]
+
+
+def train_step(policy, reference, optimizer, scheduler, micro_batches: Sequence[Mapping[str, Any]],
+               ctx: StepContext, step: int) -> dict[str, float]:
+    """Forward/backward over this worker's micro-batches, gradient sync, clip, optimizer step.
+
+    Args:
+        policy: the trained model (train mode).
+        reference: frozen reference model, or None (LoRA adapter-disabled or precomputed reference).
+        optimizer, scheduler: torch optimizer and LR scheduler (stepped once).
+        micro_batches: A collated micro-batches already on the device, equal pairs each.
+        ctx: the worker's StepContext.
+        step: index of this optimizer step (0-based; seeds the micro-steps).
+
+    Returns:
+        Global metrics of the step: loss, reward metrics, objective metrics, grad_norm, lr,
+        pairs, tokens, padding_fraction.
+    """
+    accumulation = len(micro_batches)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    full = references = None
+    if ctx.batch_coupled and ctx.global_accumulation and accumulation > 1 and ctx.uses_gather is not False:
+        # Reference log-probs are computed once and reused by both passes.
+        references = [compute_reference(policy, reference, b, ctx) for b in micro_batches]
+        full = _record_step_statistics(policy, reference, micro_batches, ctx, step, references)
+        ctx.uses_gather = full is not None
+    sums = MetricSums()
+    optimizer.zero_grad(set_to_none=True)
+    for m, batch in enumerate(micro_batches):
+        _seed_micro_step(ctx, step, m)
+        pairs = batch["num_pairs"]
+        if full is not None:
+            gather = _Replay(full, (ctx.rank * accumulation + m) * pairs)
+        else:
+            gather = lambda t: all_gather_detached(t, ctx.world_size)  # noqa: E731
+        reference_logps = references[m] if references else compute_reference(policy, reference, batch, ctx)
+        out, inputs = compute_objective(policy, batch, reference_logps, ctx, gather)
+        (out.loss / accumulation).backward()
+        tokens, positions = model_lib.count_tokens(batch)
+        sums.add(summarize_micro_batch(out, inputs, batch, ctx), pairs, tokens, positions)
+    if ctx.sync_gradients:
+        all_reduce_gradients(trainable, ctx.world_size)
+    max_norm = ctx.max_grad_norm if ctx.max_grad_norm > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    device = micro_batches[0]["input_ids"].device
+    metrics = sums.reduce(ctx.world_size, device)
+    metrics["grad_norm"] = float(grad_norm)
+    metrics["lr"] = lr
+    return metrics
+
+
+# [4] Evaluation --------------------------------------------------------------------------------
+
+
+def evaluate(policy, reference, batches: Iterable[Optional[Mapping[str, Any]]], ctx: StepContext) -> dict[str, float]:
+    """Held-out metrics, prefixed eval/: eval/loss is the mean per-pair base loss (ObjectiveOutput
+    .losses: per-pair, independent of the batch for the coupled objectives), eval/accuracy the
+    share of pairs whose implicit reward ranks chosen above rejected, and the reward metrics.
+
+    Args:
+        batches: this worker's collated eval micro-batches on the device (None = no rows here;
+            every worker still joins the final all-reduce).
+    """
+    was_training = policy.training
+    policy.eval()
+    sums = MetricSums()
+    for batch in batches:
+        if batch is None:
+            continue
+        reference_logps = compute_reference(policy, reference, batch, ctx)
+        with torch.set_grad_enabled(ctx.needs_embeddings):
+            out, inputs = compute_objective(policy, batch, reference_logps, ctx, None, objective_grad=False)
+        metrics = summarize_micro_batch(out, inputs, batch, ctx)
+        metrics["loss"] = float(out.losses.float().mean())
+        metrics["accuracy"] = metrics["rewards/accuracies"]
+        sums.add({k: metrics[k] for k in ("loss", "accuracy") + REWARD_KEYS}, batch["num_pairs"])
+        del out, inputs
+    policy.train(was_training)
+    device = next(policy.parameters()).device
+    reduced = sums.reduce(ctx.world_size, device, keys=("loss", "accuracy") + REWARD_KEYS)
+    out = {f"eval/{k}": reduced[k] for k in ("loss", "accuracy") + REWARD_KEYS}
+    out["eval/pairs"] = reduced["pairs"]
+    return out

@@ -1,0 +1,345 @@
+"""`robust-dpo tune`: search the robustness radius / temperature / risk level and beta with Ray Tune.
+
+    robust-dpo tune --output runs/sweep model.path=runs/world/reference_model data.path=runs/data \\
+        trial_eval.reward=world:runs/world search.objectives=dpo,kldpo,wdpo train.max_steps=40
+    # Optuna, multi-objective (reward up, KL down), 8 trials per objective:
+    robust-dpo tune --output runs/sweep ... search.search=optuna search.num_samples=8
+    # on a cluster: `ray job submit --working-dir . -- robust-dpo tune ... train.use_gpu=true`
+
+Train V2 pattern (RAY_NOTES.md 5.3): a Tune *function trainable* (`train_driver_fn`) builds the
+trial's TorchTrainer (`pipelines.train`) with `TuneReportCallback`, so rank 0's all-reduced training
+metrics stream to Tune; after `fit()` the trial samples from its final policy in a Ray task (a GPU
+one on a GPU cluster) and reports `reward` (mean reward of the samples under `trial_eval.reward`)
+and `kl` (exact per-token KL(policy || reference) summed along each sample, averaged).
+
+Resume: every trial has a deterministic name built from its hyperparameters and trains into
+`DIR/trials/<name>/` (the train stage resumes from its latest checkpoint there); a trial whose
+`trial_result.json` exists is reported from it without training.  So rerunning the same command
+after an interruption redoes only the unfinished trials.
+
+Outputs in DIR: `trials.csv` (one row per trial: trial_id, objective, hyperparameters, reward, kl,
+final_model, status), `pareto.csv` and `pareto.png` (front and hypervolume, `pipelines.report`),
+`tune_config.yaml`, and Tune's own experiment folder `DIR/tune/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import pandas as pd
+
+from pipelines import config as config_lib
+from pipelines.errors import UserError
+
+TRIALS_DIR = "trials"
+TRIAL_RESULT = "trial_result.json"
+DRIVER_RESOURCE = "TRAIN_DRIVER_RESOURCE"  # custom resource cluster.yaml gives the CPU head node
+DEFAULT_OBJECTIVES = ("dpo", "rdpo", "drdpo", "kldpo", "wdpo", "dora", "radpo2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))  # registry names swept
+    search: Literal["grid", "optuna"] = "grid"  # grid = tune_spaces grids; optuna = multi-objective TPE per objective
+    wide: bool = False  # grid: the wide grids of tune_spaces instead of the small defaults
+    num_samples: int = 8  # optuna: trials per objective; >= 1
+    max_concurrent_trials: int = 0  # 0 = from the cluster: GPUs (or CPUs) / per-trial need, capped by local cores
+    asha: bool = False  # early-stop trials with ASHA on `asha_metric` (single metric, RAY_NOTES 5.3)
+    asha_metric: str = "loss"  # a training metric every report carries
+    asha_mode: Literal["min", "max"] = "min"
+    asha_grace_period: int = 1  # reports before a trial may be stopped
+    max_failures: int = 0  # trial-driver restarts (ray.tune.FailureConfig); worker restarts are train.max_failures
+    seed: int = 0  # optuna sampler seed
+    overrides: dict = field(default_factory=dict)  # objective -> {hyperparameter: value or [values]}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialEvalConfig:
+    reward: str = ""  # world:DIR[:NAME] | hf:PATH | module:function; required (scores the samples)
+    num_prompts: int = 32  # distinct eval prompts (first in file order); >= 1
+    samples_per_prompt: int = 4  # samples per prompt at temperature 1; >= 1
+    max_new_tokens: int = 16  # response cap in tokens
+    seed: int = 0  # sampling seed (same uniforms for every trial: common random numbers)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneStageConfig:
+    output: str  # required: sweep directory
+    search: SearchConfig = field(default_factory=SearchConfig)
+    trial_eval: TrialEvalConfig = field(default_factory=TrialEvalConfig)
+    base: dict = field(default_factory=dict)  # train-config values shared by every trial (model, data, train, ...)
+
+
+# [1] Trials: explicit, validated, deterministically named --------------------------------------
+
+
+def trial_name(objective: dict[str, Any]) -> str:
+    """`kldpo-beta=0.1-tau=0.5`: readable, stable across reruns (keys sorted), path-safe."""
+    parts = [objective["name"]] + [f"{k}={objective[k]}" for k in sorted(objective) if k != "name"]
+    name = "-".join(str(p).replace("/", "_").replace(" ", "") for p in parts)
+    if len(name) > 120:  # long override lists: keep it a valid directory name
+        name = f"{objective['name']}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    return name
+
+
+def trial_train_config(cfg: TuneStageConfig, objective: dict[str, Any], output_dir: Path):
+    """The TrainStageConfig of one trial: base values <- the trial's objective section."""
+    from pipelines.train_config import build_train_config
+
+    values = config_lib.deep_merge(cfg.base, {"objective": objective, "output": str(output_dir)})
+    values["objective"] = {**cfg.base.get("objective", {}), **objective}
+    return build_train_config(values)
+
+
+def grid_sections(cfg: TuneStageConfig) -> list[dict[str, Any]]:
+    """Every grid point over the objectives, validated against the registry (ValueError -> UserError)."""
+    import tune_spaces
+
+    sections = []
+    for name in cfg.search.objectives:
+        try:
+            sections += tune_spaces.list_grid_points(name, wide=cfg.search.wide, overrides=cfg.search.overrides.get(name))
+        except ValueError as exc:
+            raise UserError(f"search.objectives/overrides: {exc}") from None
+    return sections
+
+
+def check_tune_config(cfg: TuneStageConfig) -> None:
+    """Everything checkable before Ray starts: objectives, overrides, the base train config, reward."""
+    import robust_objectives
+
+    if not cfg.search.objectives:
+        raise UserError("config key 'search.objectives' is empty")
+    bad = [o for o in cfg.search.objectives if o not in robust_objectives.OBJECTIVES]
+    if bad:
+        raise UserError(f"config key 'search.objectives': unknown objective '{bad[0]}'; valid: "
+                        f"{', '.join(sorted(robust_objectives.OBJECTIVES))}")
+    stray = sorted(set(cfg.search.overrides) - set(cfg.search.objectives))
+    if stray:
+        raise UserError(f"config key 'search.overrides.{stray[0]}': not among search.objectives")
+    if not cfg.trial_eval.reward:
+        raise UserError("config key 'trial_eval.reward' is required: the reward that scores each trial's samples "
+                        "(world:DIR, hf:PATH or module:function)")
+    for key in ("num_prompts", "samples_per_prompt", "max_new_tokens"):
+        if getattr(cfg.trial_eval, key) < 1:
+            raise UserError(f"config key 'trial_eval.{key}' must be >= 1")
+    if cfg.search.num_samples < 1:
+        raise UserError("config key 'search.num_samples' must be >= 1")
+    from pipelines.eval_rewards import RewardFunction
+
+    RewardFunction(cfg.trial_eval.reward)  # loads / imports now: a bad spec fails before any trial
+    first = {"name": cfg.search.objectives[0]}
+    train_cfg = trial_train_config(cfg, first, Path(cfg.output) / TRIALS_DIR / "check")
+    from pipelines import train_config as tc
+
+    tc.check_train_config(train_cfg)
+    tc.inspect_dataset(train_cfg)
+    tc.check_model(train_cfg)
+    if cfg.search.search == "grid":
+        for section in grid_sections(cfg):
+            trial_train_config(cfg, section, Path(cfg.output) / TRIALS_DIR / trial_name(section))
+
+
+# [2] The trial: train (TorchTrainer), then sample and score ------------------------------------
+
+
+def score_policy(policy_path: str, reference_path: str, data_path: str, trial_eval: dict) -> dict[str, float]:
+    """Mean reward and mean sequence KL(policy || reference) of samples on the eval prompts."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from pipelines import schema
+    from pipelines.eval_generation import sample_uniforms, sample_with_kl
+    from pipelines.eval_rewards import RewardFunction
+    from pipelines.evaluate import load_model
+    from pipelines.model import pad_token_id_of
+
+    te = TrialEvalConfig(**trial_eval)
+    manifest = schema.read_manifest(data_path)
+    split = "eval" if "eval" in manifest["splits"] else "train"
+    table = pd.read_parquet(schema.split_dir(data_path, split), columns=["prompt", "prompt_input_ids"])
+    table = table.drop_duplicates("prompt").head(te.num_prompts)
+    policy, reference = load_model(policy_path), load_model(reference_path)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path if Path(policy_path, "tokenizer_config.json").exists()
+                                              else reference_path)
+    n = te.samples_per_prompt
+    prompts = [list(map(int, ids)) for ids in table["prompt_input_ids"] for _ in range(n)]
+    texts = [p for p in table["prompt"] for _ in range(n)]
+    prompt_index = np.repeat(np.arange(len(table)), n)
+    uniforms = sample_uniforms(te.seed, prompt_index, np.tile(np.arange(n), len(table)), te.max_new_tokens)
+    out = sample_with_kl(policy, reference, prompts, uniforms, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=pad_token_id_of(reference))
+    responses = [tokenizer.decode([int(t) for t in r if t != tokenizer.eos_token_id], skip_special_tokens=True)
+                 for r in out["response_ids"]]
+    rewards = RewardFunction(te.reward).score(texts, responses)
+    return {"reward": float(np.mean(rewards)), "kl": float(np.mean(out["kl"])),
+            "kl_mc": float(np.mean(out["kl_mc"])), "response_length": float(np.mean(out["length"]))}
+
+
+def train_driver_fn(config: dict[str, Any]) -> None:
+    """Tune function trainable: one trial = one TorchTrainer run + one scoring task."""
+    import ray
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines import train as train_lib
+
+    cfg = config_lib.build(TuneStageConfig, config["stage"])
+    objective = dict(config["objective"])
+    name = trial_name(objective)
+    trial_dir = Path(cfg.output) / TRIALS_DIR / name
+    result_file = trial_dir / TRIAL_RESULT
+    if result_file.is_file():  # finished in an earlier run of the same sweep
+        ray.tune.report(json.loads(result_file.read_text()))
+        return
+    train_cfg = trial_train_config(cfg, objective, trial_dir)
+    started = time.perf_counter()
+    result = train_lib.train(train_cfg, trial_dir, callbacks=[TuneReportCallback()])
+    resources = {"num_gpus": 1} if train_cfg.train.use_gpu else {"num_cpus": 1}
+    scores = ray.get(ray.remote(score_policy).options(**resources).remote(
+        str(result.final_model_path), train_cfg.model.path, train_cfg.data.path, dataclasses.asdict(cfg.trial_eval)))
+    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    row = {**final, **scores, "trial_id": name, "objective": objective["name"],
+           **{f"hp/{k}": v for k, v in objective.items() if k != "name"},
+           "final_model": str(result.final_model_path), "train_seconds": time.perf_counter() - started}
+    result_file.write_text(json.dumps(row, indent=2, sort_keys=True))
+    ray.tune.report(row)
+
+
+# [3] The sweep ------------------------------------------------------------------------------------
+
+
+def concurrency(cfg: TuneStageConfig, train_cfg) -> int:
+    """max_concurrent_trials: cluster GPUs (or CPUs) / one trial's need; locally also <= physical cores."""
+    import ray
+
+    if cfg.search.max_concurrent_trials:
+        return cfg.search.max_concurrent_trials
+    resources = ray.cluster_resources()
+    workers = train_cfg.train.num_workers
+    if train_cfg.train.use_gpu:
+        return max(1, int(resources.get("GPU", 0)) // workers)
+    need = workers * train_cfg.train.cpus_per_worker + 1  # workers + the scoring task
+    fits = max(1, int(resources.get("CPU", 1) // need))
+    return fits if os.environ.get("RAY_ADDRESS") else max(1, min(fits, (os.cpu_count() or 2) // workers))
+
+
+def _searches(cfg: TuneStageConfig) -> list[tuple[str, dict, Any, int]]:
+    """(label, param_space, search_alg, num_samples) per Tuner run: one grid, or one Optuna per objective."""
+    from ray import tune
+
+    import tune_spaces
+
+    stage = {"stage": json.loads(json.dumps(dataclasses.asdict(cfg)))}
+    if cfg.search.search == "grid":
+        return [("grid", {**stage, "objective": tune.grid_search(grid_sections(cfg))}, None, 1)]
+    from ray.tune.search.optuna import OptunaSearch
+
+    runs = []
+    for name in cfg.search.objectives:
+        space = tune_spaces.build_param_space(name, grid=False, overrides=cfg.search.overrides.get(name))
+        searcher = OptunaSearch(metric=["reward", "kl"], mode=["max", "min"], seed=cfg.search.seed)
+        runs.append((name, {**stage, **space}, searcher, cfg.search.num_samples))
+    return runs
+
+
+def collect_trials(output_dir: Path) -> pd.DataFrame:
+    """trials.csv: one row per finished trial (from each trial's trial_result.json)."""
+    rows = [json.loads(p.read_text()) for p in sorted((output_dir / TRIALS_DIR).glob(f"*/{TRIAL_RESULT}"))]
+    frame = pd.DataFrame(rows)
+    if len(frame):
+        frame = frame.rename(columns=lambda c: c.removeprefix("hp/"))
+        lead = ["trial_id", "objective", "reward", "kl"]
+        frame = frame[lead + [c for c in frame.columns if c not in lead]]
+    frame.to_csv(output_dir / "trials.csv", index=False)
+    return frame
+
+
+def tune(cfg: TuneStageConfig) -> pd.DataFrame:
+    """Run the sweep (or finish an interrupted one); write trials.csv and the Pareto report."""
+    import ray.tune
+    from ray import tune as tune_api
+
+    from pipelines import report
+    from pipelines.ray_session import ensure_ray
+
+    check_tune_config(cfg)
+    output_dir = Path(cfg.output).resolve()
+    cfg = dataclasses.replace(cfg, output=str(output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.dump(cfg, output_dir / "tune_config.yaml")
+    # Training reports stream to Tune before the final reward/kl report: they lack the searcher's metrics.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    ensure_ray()
+    train_cfg = trial_train_config(cfg, {"name": cfg.search.objectives[0]}, output_dir / TRIALS_DIR / "check")
+    limit = concurrency(cfg, train_cfg)
+    resources = {"CPU": 0.5}
+    if ray.cluster_resources().get(DRIVER_RESOURCE):
+        resources[DRIVER_RESOURCE] = 0.01  # trial drivers on the head (not preemptible GPU nodes)
+    trainable = ray.tune.with_resources(train_driver_fn, resources)
+    for label, space, searcher, samples in _searches(cfg):
+        print(f"[tune] {label}: up to {limit} concurrent trial(s)", flush=True)
+        scheduler = None
+        if cfg.search.asha:
+            scheduler = tune_api.schedulers.ASHAScheduler(
+                metric=cfg.search.asha_metric, mode=cfg.search.asha_mode, grace_period=cfg.search.asha_grace_period,
+                max_t=10**9)
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
+                                            max_concurrent_trials=limit,
+                                            trial_dirname_creator=lambda t: trial_name(t.config["objective"])),
+            run_config=ray.tune.RunConfig(name=f"tune-{label}", storage_path=str(output_dir / "tune"),
+                                          failure_config=ray.tune.FailureConfig(max_failures=cfg.search.max_failures),
+                                          verbose=1),
+        )
+        grid = tuner.fit()
+        for result in grid:
+            if result.error is not None:
+                print(f"[tune] a trial failed: {str(result.error).strip().splitlines()[0][:200]}", flush=True)
+    trials = collect_trials(output_dir)
+    if len(trials):
+        report.write_pareto(trials, output_dir)
+    print(f"[tune] {len(trials)} finished trial(s); {output_dir / 'trials.csv'}, {output_dir / 'pareto.csv'}",
+          flush=True)
+    return trials
+
+
+# [4] CLI ----------------------------------------------------------------------------------------
+
+STAGE_SECTIONS = ("search", "trial_eval")
+
+
+def load_tune_config(path: Optional[str], overrides: Sequence[str], output: str) -> TuneStageConfig:
+    """`search.*` and `trial_eval.*` keys configure the sweep; every other key is a train-config value
+    shared by all trials (model.path, data.path, train.max_steps, objective.beta, ...)."""
+    values = config_lib.load_yaml(path) if path else {}
+    values = config_lib.deep_merge(values, config_lib.parse_overrides(overrides))
+    stage = {k: values.pop(k) for k in list(values) if k in STAGE_SECTIONS}
+    base = config_lib.deep_merge(values.pop("base", {}), values)
+    return config_lib.build(TuneStageConfig, {**stage, "base": base, "output": output})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True, help="sweep directory (rerun the same one to resume)")
+    parser.add_argument("--config", default=None, help="YAML with search:, trial_eval: and train-config sections")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="search.objectives=dpo,kldpo trial_eval.reward=world:DIR model.path=... data.path=...")
+
+
+def main(args: argparse.Namespace) -> int:
+    trials = tune(load_tune_config(args.config, args.overrides, args.output))
+    if len(trials):
+        with pd.option_context("display.width", 160):
+            print(trials[["trial_id", "objective", "reward", "kl"]].to_string(index=False))
+    return 0

@@ -1,0 +1,356 @@
+"""The embedded world's known functions: rewards, generators and the source classifier, from world.json.
+
+`robust-dpo synth` (pipelines/synthetic.py) draws the parameters once and writes them to
+`DIR/world.json`; everything here reads them back from that file, so the file *is* the definition
+(the tests recompute rewards by hand from it).  Texts are whitespace-separated words:
+
+    prompt   = 1..max_prompt_words distinct topic words of one group          "t03 t01"
+    response = 1..max_response_words content (c..) and filler (f..) words      "c12 f02 c40"
+
+Rewards (OBJECTIVES.md section 8.1, adapted to words):
+    r_k(x, y) = sigmoid( u_k . counts(y) + v_k . buckets(x, y) + b_k ),   k in {r1, r2, r3}
+      counts(y)     counts of each response word (content then filler words) in y; every filler
+                    word has weight -filler_penalty in all three (people dislike filler; topic and
+                    unknown words have no weight);
+      buckets(x, y) 0/1 indicator per hashed bigram bucket over adjacent pairs (a, b) of
+                    [last prompt word] + y with a a topic or content word and b a content word,
+                    bucket(a, b) = (index(a) * hash_multiplier + index(b)) mod n_buckets,
+                    index = position in world.json `vocabulary.words`.
+    On the content and bucket coordinates r2's weights are -0.6 * r1's + 0.8 * an orthogonal vector
+    (cosine -0.6, the WDPO paper's "anger vs fear" conflict); r3 is independent (an unseen objective).
+    verbosity(y) = #filler words / #words;   length(y) = min(#words, max_response_words) / max_response_words.
+Mixtures of r1 and r2 (WDPO paper section 7.1): convex a*r1 + (1-a)*r2, geometric r1^a * r2^(1-a).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.errors import UserError
+
+WORLD_FILE = "world.json"
+WORLD_KIND = "robust-dpo-world"
+WORLD_VERSION = 1
+FEATURE_REWARDS = ("r1", "r2", "r3")
+MIXTURE_FORMS = ("convex", "geometric")
+_PAD, _UNKNOWN = -1, -2  # token codes in the id matrices below
+_P_CLIP = 1e-6  # DoRA gotcha 3 (OBJECTIVES.md 6.5): clip p before (1-p)/p
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free logistic
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+@dataclass(frozen=True)
+class WorldPaths:
+    """Where `generate_world` wrote each artefact (all under `root`)."""
+
+    root: Path
+    world_json: Path
+    tokenizer: Path
+    reference_model: Path
+    train: Path
+    eval: Path
+    config: Path
+
+
+def world_paths(root: str | Path) -> WorldPaths:
+    root = Path(root)
+    return WorldPaths(
+        root=root,
+        world_json=root / WORLD_FILE,
+        tokenizer=root / "tokenizer",
+        reference_model=root / "reference_model",
+        train=root / "data" / "train.parquet",
+        eval=root / "data" / "eval.parquet",
+        config=root / "config.yaml",
+    )
+
+
+class World:
+    """The known functions of one generated world, built from its world.json dictionary.
+
+    Args:
+        spec: the parsed world.json.
+        root: the world directory, when loaded from disk (gives `paths`).
+    """
+
+    def __init__(self, spec: dict, root: str | Path | None = None):
+        self.spec = spec
+        self.paths = world_paths(root) if root is not None else None
+        vocab = spec["vocabulary"]
+        self.words: list[str] = list(vocab["words"])
+        self.word_index = {w: i for i, w in enumerate(self.words)}
+        self.n_topics = len(vocab["topic_words"])
+        self.n_content = len(vocab["content_words"])
+        self.n_filler = len(vocab["filler_words"])
+        self.max_response_words = int(spec["config"]["max_response_words"])
+        feats = spec["features"]
+        self.n_buckets = int(feats["n_buckets"])
+        self.hash_multiplier = int(feats["hash_multiplier"])
+        self.reward_names: tuple[str, ...] = tuple(spec["reward_order"])  # world.json keys are sorted
+        self._feature_weights = {
+            k: (np.asarray(r["unigram_weights"]), np.asarray(r["bigram_weights"]), float(r["bias"]))
+            for k, r in spec["rewards"].items()
+            if r["kind"] == "feature_sigmoid"
+        }
+        gen = spec["generator"]
+        self._transition = np.asarray(gen["transition_logits"])  # (n_words, n_response_words)
+        self._topic_bias = np.asarray(gen["topic_bias"])  # (n_topics, n_response_words)
+        self.sources = tuple(gen["sources"])
+        self.groups = tuple(spec["groups"])
+        self._topic_group = {w: g for g, v in spec["groups"].items() for w in v["topic_words"]}
+
+    # ---- text -> ids ---------------------------------------------------------------------------
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Word indices of whitespace tokens.
+
+        Returns:
+            ids: (N, L) int64, world word index, -2 for a word outside the vocabulary, -1 padding.
+            n_words: (N,) int64 number of whitespace tokens (unknown words included).
+        """
+        rows = [str(t).split() for t in texts]
+        n_words = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        ids = np.full((len(rows), max(1, int(n_words.max(initial=0)))), _PAD, dtype=np.int64)
+        get = self.word_index.get
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = [get(w, _UNKNOWN) for w in r]
+        return ids, n_words
+
+    def _check(self, prompts: Sequence[str], responses: Sequence[str]) -> None:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+
+    # ---- rewards -------------------------------------------------------------------------------
+    def features(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Reward features of each (prompt, response).
+
+        Returns:
+            counts: (N, n_content + n_filler) counts of each response word (content, then filler).
+            buckets: (N, n_buckets) 0/1 presence of each hashed bigram bucket (see module docstring).
+        """
+        self._check(prompts, responses)
+        ids, _ = self.encode(responses)
+        n = ids.shape[0]
+        last = np.array(
+            [
+                self.word_index.get(p.split()[-1], _UNKNOWN) if p.split() else _UNKNOWN
+                for p in map(str, prompts)
+            ],
+            dtype=np.int64,
+        )
+        lo, hi = self.n_topics, self.n_topics + self.n_content
+        is_response = (ids >= lo) & (ids < hi + self.n_filler)
+        rows = np.broadcast_to(np.arange(n)[:, None], ids.shape)
+        counts = np.zeros((n, self.n_content + self.n_filler))
+        np.add.at(counts, (rows[is_response], ids[is_response] - lo), 1.0)
+        seq = np.concatenate([last[:, None], ids], axis=1)  # [x_last] + y
+        a, b = seq[:, :-1], seq[:, 1:]
+        valid = (a >= 0) & (a < hi) & (b >= lo) & (b < hi)  # a topic/content, b content
+        bucket = (a * self.hash_multiplier + b) % self.n_buckets
+        buckets = np.zeros((n, self.n_buckets))
+        buckets[rows[valid], bucket[valid]] = 1.0
+        return counts, buckets
+
+    def reward(self, name: str, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """Score responses with one known reward.
+
+        Args:
+            name: one of `reward_names` (r1, r2, r3, verbosity, length).
+            prompts, responses: N texts each.
+        Returns:
+            (N,) float64 rewards in [0, 1].
+        """
+        if name not in self.reward_names:
+            raise UserError(f"unknown world reward '{name}'; valid rewards: {', '.join(self.reward_names)}")
+        if name in self._feature_weights:
+            u, v, bias = self._feature_weights[name]
+            counts, buckets = self.features(prompts, responses)
+            return _sigmoid(counts @ u + buckets @ v + bias)
+        self._check(prompts, responses)
+        ids, n_words = self.encode(responses)
+        if name == "verbosity":
+            lo = self.n_topics + self.n_content
+            n_filler = ((ids >= lo) & (ids < lo + self.n_filler)).sum(axis=1)
+            return n_filler / np.maximum(n_words, 1)
+        if name == "length":
+            return np.minimum(n_words, self.max_response_words) / self.max_response_words
+        raise AssertionError(f"reward kind of '{name}' is not implemented")
+
+    def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
+        """Every known reward, {name: (N,)}."""
+        return {k: self.reward(k, prompts, responses) for k in self.reward_names}
+
+    def mixture_reward(
+        self,
+        alpha: float | np.ndarray,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        form: str = "convex",
+    ) -> np.ndarray:
+        """r(alpha) of the WDPO paper: convex alpha*r1 + (1-alpha)*r2 or geometric r1^alpha * r2^(1-alpha).
+
+        Args:
+            alpha: a scalar in [0, 1], or (N,) per-row alphas (e.g. each prompt's group alpha).
+            prompts, responses: N texts each.
+            form: "convex" or "geometric".
+        Returns:
+            (N,) float64.
+        """
+        if form not in MIXTURE_FORMS:
+            raise UserError(f"unknown mixture form '{form}'; valid forms: {', '.join(MIXTURE_FORMS)}")
+        alpha = np.asarray(alpha, dtype=float)
+        if not np.all((alpha >= 0.0) & (alpha <= 1.0)):
+            raise UserError(f"mixture alpha must be in [0, 1], got {alpha}")
+        first, second = self.spec["mixture"]["rewards"]
+        r1, r2 = self.reward(first, prompts, responses), self.reward(second, prompts, responses)
+        if form == "convex":
+            return alpha * r1 + (1.0 - alpha) * r2
+        return np.exp(alpha * np.log(r1) + (1.0 - alpha) * np.log(r2))
+
+    # ---- groups --------------------------------------------------------------------------------
+    def group_of(self, prompts: Sequence[str]) -> np.ndarray:
+        """(N,) group name of each prompt, from its first topic word ('' if none is a topic word)."""
+        return np.array(
+            [self._topic_group.get(str(p).split()[0], "") if str(p).split() else "" for p in prompts],
+            dtype=object,
+        )
+
+    def group_alpha(self, group: str) -> float:
+        """The mixture alpha that users of `group` want (world.json `groups.<g>.alpha`)."""
+        return float(self.spec["groups"][group]["alpha"])
+
+    # ---- generators (exact densities; sampling) --------------------------------------------------
+    def _prompt_bias(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        ids, n = self.encode(prompts)
+        if (ids == _UNKNOWN).any() or (ids >= self.n_topics).any() or (n == 0).any():
+            raise ValueError("generator prompts must be 1+ topic words of this world")
+        mask = ids >= 0
+        bias = (self._topic_bias[np.where(mask, ids, 0)] * mask[..., None]).sum(1) / n[:, None]
+        return bias, ids[np.arange(len(n)), n - 1]
+
+    def _step_logits(self, source: str, prev: np.ndarray, prompt_bias: np.ndarray) -> np.ndarray:
+        word_bias = np.asarray(self.spec["generator"]["sources"][source]["word_bias"])
+        return self._transition[prev] + prompt_bias + word_bias
+
+    def log_prob(self, source: str, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """Exact log Q_source(y | x) of the known generator (world.json `generator.formula`).
+
+        Returns:
+            (N,) float64; -inf where the response is impossible (outside the response vocabulary,
+            empty, or longer than max_response_words).
+        """
+        self._check(prompts, responses)
+        stop = float(self.spec["generator"]["sources"][source]["stop_prob"])
+        bias, prev = self._prompt_bias(prompts)
+        ids, n_words = self.encode(responses)
+        out = np.zeros(len(n_words))
+        ok = (n_words >= 1) & (n_words <= self.max_response_words)
+        for t in range(ids.shape[1]):
+            tok = ids[:, t]
+            live = tok != _PAD
+            resp = tok - self.n_topics
+            valid = (resp >= 0) & (resp < self.n_content + self.n_filler)
+            ok &= ~live | valid
+            logp = _log_softmax(self._step_logits(source, prev, bias))
+            out += np.where(live & valid, logp[np.arange(len(tok)), np.clip(resp, 0, None)], 0.0)
+            prev = np.where(live & valid, tok, prev)
+        out += (n_words - 1).clip(0) * math.log1p(-stop)
+        out += np.where(n_words < self.max_response_words, math.log(stop), 0.0)
+        return np.where(ok, out, -np.inf)
+
+    def sample(self, source: str, prompts: Sequence[str], rng: np.random.Generator) -> list[str]:
+        """Draw one response per prompt from the generator of `source` (vectorised over prompts)."""
+        stop = float(self.spec["generator"]["sources"][source]["stop_prob"])
+        bias, prev = self._prompt_bias(prompts)
+        n = len(prev)
+        out = np.full((n, self.max_response_words), _PAD, dtype=np.int64)
+        alive = np.ones(n, dtype=bool)
+        for t in range(self.max_response_words):
+            if t > 0:
+                alive &= rng.random(n) >= stop
+            probs = np.exp(_log_softmax(self._step_logits(source, prev, bias)))
+            cdf = np.cumsum(probs, axis=1)
+            pick = (cdf < rng.random(n)[:, None] * cdf[:, -1:]).sum(axis=1)
+            tok = pick + self.n_topics
+            out[:, t] = np.where(alive, tok, _PAD)
+            prev = np.where(alive, tok, prev)
+        return [" ".join(self.words[i] for i in row if i >= 0) for row in out]
+
+    def sample_prompts(self, n: int, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+        """Draw n prompts: group ~ group weights, length ~ U{1..max_prompt_words}, distinct topic words.
+
+        Returns:
+            prompts, groups: n texts and their group names.
+        """
+        names = list(self.groups)
+        weights = np.array([self.spec["groups"][g]["weight"] for g in names], dtype=float)
+        group_idx = rng.choice(len(names), size=n, p=weights / weights.sum())
+        max_len = int(self.spec["config"]["max_prompt_words"])
+        prompts = []
+        for g in group_idx:
+            topics = self.spec["groups"][names[g]]["topic_words"]
+            k = int(rng.integers(1, min(max_len, len(topics)) + 1))
+            prompts.append(" ".join(topics[j] for j in rng.permutation(len(topics))[:k]))
+        return prompts, [names[g] for g in group_idx]
+
+    # ---- DoRA stage 1: source classifier and calibration value ---------------------------------
+    def classifier_features(self, responses: Sequence[str]) -> np.ndarray:
+        """(N, n_words + 1): bag of words of the response (every world word) and #words / max_response_words."""
+        ids, n_words = self.encode(responses)
+        known = ids >= 0
+        rows = np.broadcast_to(np.arange(len(n_words))[:, None], ids.shape)
+        feats = np.zeros((len(n_words), len(self.words) + 1))
+        np.add.at(feats, (rows[known], ids[known]), 1.0)
+        feats[:, -1] = n_words / self.max_response_words
+        return feats
+
+    def p_target(self, responses: Sequence[str]) -> np.ndarray:
+        """(N,) calibrated P(source = target | response) of the stage-1 logistic classifier."""
+        clf = self.spec["classifier"]
+        z = self.classifier_features(responses) @ np.asarray(clf["weights"]) + float(clf["bias"])
+        return _sigmoid(z / float(clf["temperature"]))
+
+    def calibration(self, p_target: np.ndarray, target_fraction: float | None = None) -> np.ndarray:
+        """DoRA's h~ = 1 / (alpha + a (1 - p) / p), a = 1 - alpha (OBJECTIVES.md 6.2, official code).
+
+        Args:
+            p_target: (N,) P(target | response) (classifier or oracle).
+            target_fraction: alpha, the target source's share of the training mixture (default: the
+                world's training `target_fraction`).
+        Returns:
+            (N,) in [0, 1/alpha].
+        """
+        alpha = float(self.spec["config"]["target_fraction"] if target_fraction is None else target_fraction)
+        p = np.clip(np.asarray(p_target, dtype=float), _P_CLIP, 1.0 - _P_CLIP)
+        return 1.0 / (alpha + (1.0 - alpha) * (1.0 - p) / p)
+
+    def p_target_oracle(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """(N,) exact Q0 / (Q0 + Q1) from the known generators (equal priors), for the oracle h~."""
+        diff = self.log_prob("target", prompts, responses) - self.log_prob("synthetic", prompts, responses)
+        return _sigmoid(np.nan_to_num(diff, nan=0.0, posinf=50.0, neginf=-50.0))
+
+
+def load_world(directory: str | Path) -> World:
+    """Load a world written by `robust-dpo synth --output DIR` (reads DIR/world.json)."""
+    path = Path(directory) / WORLD_FILE
+    if not path.is_file():
+        raise UserError(f"'{directory}' is not a world written by `robust-dpo synth` (no {WORLD_FILE})")
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if spec.get("kind") != WORLD_KIND or spec.get("version") != WORLD_VERSION:
+        raise UserError(f"{path}: not a {WORLD_KIND} v{WORLD_VERSION} file")
+    return World(spec, root=directory)

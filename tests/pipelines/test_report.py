@@ -1,0 +1,108 @@
+"""The sweep report: tables, rules (worked by hand), and the files write_report produces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines import pareto
+from pipelines.report import (
+    ROBUSTNESS_COLUMNS,
+    area_under_curve,
+    build_pareto_table,
+    build_robustness_table,
+    robustness_panels,
+    select_best_trials,
+    shift_metric,
+    summarise_trials,
+    write_report,
+)
+
+
+def _trials() -> pd.DataFrame:
+    return pd.DataFrame([
+        {"trial_id": "a", "objective": "dpo", "tau": np.nan, "reward": 0.9, "kl": 3.0},
+        {"trial_id": "b", "objective": "kldpo", "tau": 0.5, "reward": 0.8, "kl": 2.0},
+        {"trial_id": "c", "objective": "kldpo", "tau": 1.0, "reward": 0.7, "kl": 2.5},  # dominated by b
+    ])
+
+
+def _robustness() -> pd.DataFrame:
+    """Mixture reward curves over alpha in {0, .5, 1} and flat-reward label flips at eps in {0, .4}.
+
+    dpo:   mixture 0.9, 0.6, 0.2   -> worst 0.2, mean over all 5 rows (0.9+0.6+0.2+0.9+0.9)/5 = 0.70
+    kldpo b: 0.8, 0.7, 0.5         -> worst 0.5, mean (0.8+0.7+0.5+0.8+0.8)/5 = 0.72
+    kldpo c: 0.7, 0.6, 0.5         -> worst 0.5 (tie with b), mean 0.64 -> b wins on the average
+    """
+    rows = []
+    for trial, curve in {"a": (0.9, 0.6, 0.2), "b": (0.8, 0.7, 0.5), "c": (0.7, 0.6, 0.5)}.items():
+        for level, r in zip((0.0, 0.5, 1.0), curve):
+            rows.append({"trial_id": trial, "shift": "mixture", "level": level, "reward": r, "kl": 1.0,
+                         "pair_accuracy": 0.6 + 0.1 * r})
+        for level, acc in zip((0.0, 0.4), (0.8, 0.6)):
+            rows.append({"trial_id": trial, "shift": "label_flip", "level": level, "reward": curve[0], "kl": 1.0,
+                         "pair_accuracy": acc, "margin": 0.1})
+    return pd.DataFrame(rows)
+
+
+def test_area_under_curve_by_hand():
+    """Trapezoids on [0, .5] and [.5, 1] of (1, 0, 1): 0.5 * 0.5 + 0.5 * 0.5 = 0.5; order-free."""
+    assert area_under_curve([0.0, 0.5, 1.0], [1.0, 0.0, 1.0]) == pytest.approx(0.5)
+    assert area_under_curve([1.0, 0.0, 0.5], [1.0, 1.0, 0.0]) == pytest.approx(0.5)
+    assert np.isnan(area_under_curve([0.0], [1.0]))
+
+
+def test_pareto_table_columns_and_front():
+    table = build_pareto_table(_trials())
+    assert list(table.columns) == ["trial_id", "objective", "tau", "reward", "kl", "on_front"]
+    assert table["on_front"].tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="trial_id 'a' appears twice"):
+        build_pareto_table(pd.concat([_trials(), _trials().iloc[:1]]))
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['kl'\]"):
+        build_pareto_table(_trials().drop(columns="kl"))
+
+
+def test_robustness_table_joins_objective_and_keeps_extras():
+    table = build_robustness_table(_robustness(), _trials())
+    assert list(table.columns[: len(ROBUSTNESS_COLUMNS)]) == list(ROBUSTNESS_COLUMNS)
+    assert "margin" in table.columns and set(table["objective"]) == {"dpo", "kldpo"}
+    with pytest.raises(ValueError, match="trial 'zz', which is not in the trials table"):
+        build_robustness_table(pd.DataFrame([{"trial_id": "zz", "shift": "m", "level": 0.0}]), _trials())
+    no_reward = build_robustness_table(_robustness().drop(columns="reward"), _trials())
+    assert no_reward["reward"].isna().all()  # reported as missing, not dropped
+
+
+def test_best_trial_rule_and_shift_metrics():
+    rob = build_robustness_table(_robustness(), _trials())
+    summary = summarise_trials(rob).set_index("trial_id")
+    assert summary.loc["a", "worst_reward"] == pytest.approx(0.2)
+    assert summary.loc["a", "mean_reward"] == pytest.approx(0.70)
+    assert summary.loc["b", "mean_reward"] == pytest.approx(0.72)
+    best = select_best_trials(summarise_trials(rob)).set_index("objective")
+    assert best.loc["kldpo", "trial_id"] == "b" and best.loc["dpo", "trial_id"] == "a"  # tie on worst -> average
+    assert shift_metric(rob, "mixture") == "reward" and shift_metric(rob, "label_flip") == "pair_accuracy"
+    assert robustness_panels(rob) == [("mixture", "reward"), ("mixture", "pair_accuracy"),
+                                      ("label_flip", "pair_accuracy")]
+
+
+def test_write_report_files(tmp_path):
+    import matplotlib.image
+
+    paths = write_report(_trials(), _robustness(), tmp_path / "report", train_levels={"mixture": 0.1})
+    front = pd.read_csv(paths.pareto_csv)
+    assert list(front.columns) == ["trial_id", "objective", "tau", "reward", "kl", "on_front"]
+    rob = pd.read_csv(paths.robustness_csv)
+    assert list(rob.columns[:7]) == list(ROBUSTNESS_COLUMNS) and len(rob) == 15
+    for png in (paths.pareto_png, paths.robustness_png):
+        image = matplotlib.image.imread(png)
+        assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 300
+    text = paths.report_md.read_text()
+    points = _trials()[["reward", "kl"]].to_numpy()
+    ref = pareto.default_reference_point(points)
+    assert f"{pareto.hypervolume(points, ref):.6g}" in text
+    # The worst-case table is sorted by worst-case reward: kldpo (0.5) above dpo (0.2).
+    table_lines = [line for line in text.splitlines() if line.startswith("| kldpo") or line.startswith("| dpo")]
+    assert [line.split("|")[1].strip() for line in table_lines[:2]] == ["kldpo", "dpo"]
+    assert "| kldpo | b | tau=0.5 | 0.5000 | 0.7200 |" in text
+    assert "![pareto](pareto.png)" in text and "![robustness](robustness.png)" in text
