@@ -1,4 +1,5 @@
-"""Ancestral sampling from a policy with the exact per-token KL to a reference, and response log-probs.
+"""Ancestral sampling with the exact per-token KL to a reference, response log-probs, and the
+`map_batches` callables of `robust-dpo evaluate` that run them inside Ray Data actors.
 
 KL(policy || reference) of the sequence distribution (OBJECTIVES.md 7.1) is estimated on samples
 y ~ policy(. | x) by the Rao-Blackwellised estimator
@@ -18,7 +19,8 @@ checkpoint-to-checkpoint differences less noisy).
 
 from __future__ import annotations
 
-from typing import Sequence
+from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -194,3 +196,103 @@ def teacher_forced_kl(policy, reference, prompts, responses, pad_token_id: int) 
     logq = torch.log_softmax(reference(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float(), -1)
     scored = (labels[:, 1:] != IGNORE_INDEX).to(device)
     return (exact_token_kl(logp, logq) * scored).sum(-1).double().cpu().numpy()
+
+
+# [2] Loading models and the Ray Data callables -------------------------------------------------
+
+
+def load_model(path: str, device: str = "cpu"):
+    """A causal LM from a model dir, or a PEFT adapter dir merged into its base; fp32, eval mode."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model per actor is noise
+    if (Path(path) / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32).merge_and_unload()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval().to(device)
+
+
+class ResponseLogps:
+    """map_batches actor: adds `<prefix>_chosen_logps` / `<prefix>_rejected_logps` (float64) per model.
+
+    One actor holds several models (reference and checkpoints), so the eval pairs stream through
+    one actor pool instead of one pool per model (an actor start costs seconds: torch imports).
+    """
+
+    def __init__(self, *, models: list[tuple[str, str]], use_gpu: bool):
+        from pipelines import model as model_lib
+
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.models = [(prefix, load_model(path, self.device)) for prefix, path in models]
+        self.pad = model_lib.pad_token_id_of(self.models[0][1])
+
+    def __call__(self, table):
+        import pyarrow as pa
+
+        prompts = table.column("prompt_input_ids").to_pylist()
+        responses = {side: table.column(f"{side}_input_ids").to_pylist() for side in ("chosen", "rejected")}
+        for prefix, model in self.models:
+            for side in ("chosen", "rejected"):
+                values = response_logps(model, prompts, responses[side], self.pad)
+                table = table.append_column(f"{prefix}_{side}_logps", pa.array(values, type=pa.float64()))
+        return table
+
+
+class SampleResponses:
+    """map_batches actor: one sample per row from the row's policy, with its exact KL to the reference.
+
+    Rows carry `model_index` (into `policies`), `prompt_index`, `sample_index`, `prompt` and
+    `prompt_input_ids`; every policy of the chunk is loaded once per actor.  With a `reward`, each
+    sample also gets one column per entry of `reward_keys`: None = the configured reward,
+    (alpha, form, r1, r2) = the world's mixture at alpha (the mixture shift's levels).
+    """
+
+    def __init__(self, *, policies: list[str], reference_path: str, tokenizer_path: str, max_new_tokens: int,
+                 seed: int, use_gpu: bool, reward: str = "", reward_keys: Optional[dict] = None):
+        from transformers import AutoTokenizer
+
+        from pipelines import model as model_lib
+
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.policies = [load_model(path, self.device) for path in policies]
+        self.reference = load_model(reference_path, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.pad = model_lib.pad_token_id_of(self.reference)
+        self.eos = self.tokenizer.eos_token_id
+        self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.reward, self.reward_keys = None, dict(reward_keys or {})
+        if reward:
+            from pipelines.eval_rewards import RewardFunction
+
+            self.reward = RewardFunction(reward, device=self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["prompt_index"])
+        out = {"response": np.empty(n, dtype=object), **{k: np.zeros(n) for k in ("kl", "kl_mc", "policy_logps")},
+               "length": np.zeros(n, dtype=np.int64)}
+        for model_index in np.unique(batch["model_index"]):
+            rows = np.flatnonzero(batch["model_index"] == model_index)
+            uniforms = sample_uniforms(self.seed, batch["prompt_index"][rows], batch["sample_index"][rows],
+                                       self.max_new_tokens)
+            prompts = [list(map(int, batch["prompt_input_ids"][i])) for i in rows]
+            sampled = sample_with_kl(self.policies[int(model_index)], self.reference, prompts, uniforms,
+                                     eos_token_id=self.eos, pad_token_id=self.pad)
+            for key in ("kl", "kl_mc", "policy_logps", "length"):
+                out[key][rows] = sampled[key]
+            for i, ids in zip(rows, sampled["response_ids"]):
+                out["response"][i] = self.tokenizer.decode([int(t) for t in ids if t != self.eos],
+                                                           skip_special_tokens=True)
+        if self.reward is not None:
+            prompts, responses = list(batch["prompt"]), list(out["response"])
+            for column, key in self.reward_keys.items():
+                if key is None:
+                    out[column] = self.reward.score(prompts, responses)
+                else:
+                    alpha, form, r1, r2 = key
+                    out[column] = self.reward.score(prompts, responses, alpha=alpha, form=form, components=(r1, r2))
+        return {k: batch[k] for k in ("model_index", "prompt_index", "sample_index", "prompt")} | out

@@ -41,6 +41,7 @@ import pandas as pd
 from pipelines import config as config_lib
 from pipelines import schema, shifts
 from pipelines.errors import UserError
+from pipelines.eval_generation import ResponseLogps, SampleResponses, load_model  # noqa: F401 (load_model: public here too)
 
 RESULT_COLUMNS = (
     "trial_id", "checkpoint", "shift", "level", "spec", "reward", "kl", "kl_mc", "pair_accuracy",
@@ -101,21 +102,6 @@ def parse_checkpoints(items: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
-def load_model(path: str, device: str = "cpu"):
-    """A causal LM from a model dir, or a PEFT adapter dir merged into its base; fp32, eval mode."""
-    import torch
-
-    if (Path(path) / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32).merge_and_unload()
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.eval().to(device)
-
-
 def _model_config(path: str, what: str):
     from transformers import AutoConfig
 
@@ -146,6 +132,13 @@ def build_grid(specs: Sequence[str], world_components: Optional[tuple[str, str]]
     return levels
 
 
+def _actor_pool(cfg: EvaluateConfig):
+    """A fixed pool of `cfg.concurrency` actors (Ray >= 2.51 spells `concurrency=` as `compute=`)."""
+    from ray.data import ActorPoolStrategy
+
+    return ActorPoolStrategy(size=cfg.concurrency)
+
+
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i: i + size] for i in range(0, len(items), size)]
 
@@ -158,98 +151,7 @@ def _gpu_actors(cfg: EvaluateConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-# [2] Ray Data actors: one model pass each -------------------------------------------------------
-
-
-class ResponseLogps:
-    """map_batches actor: adds `<prefix>_chosen_logps` / `<prefix>_rejected_logps` (float64) per model.
-
-    One actor holds several models (reference and checkpoints), so the eval pairs stream through
-    one actor pool instead of one pool per model (an actor start costs seconds: torch imports).
-    """
-
-    def __init__(self, *, models: list[tuple[str, str]], use_gpu: bool):
-        import torch
-
-        from pipelines import model as model_lib
-
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.models = [(prefix, load_model(path, self.device)) for prefix, path in models]
-        self.pad = model_lib.pad_token_id_of(self.models[0][1])
-
-    def __call__(self, table):
-        import pyarrow as pa
-
-        from pipelines.eval_generation import response_logps
-
-        prompts = table.column("prompt_input_ids").to_pylist()
-        responses = {side: table.column(f"{side}_input_ids").to_pylist() for side in ("chosen", "rejected")}
-        for prefix, model in self.models:
-            for side in ("chosen", "rejected"):
-                values = response_logps(model, prompts, responses[side], self.pad)
-                table = table.append_column(f"{prefix}_{side}_logps", pa.array(values, type=pa.float64()))
-        return table
-
-
-class SampleResponses:
-    """map_batches actor: one sample per row from the row's policy, with its exact KL to the reference.
-
-    Rows carry `model_index` (into `policies`), `prompt_index`, `sample_index`, `prompt` and
-    `prompt_input_ids`; every policy of the chunk is loaded once per actor.  With a `reward`, each
-    sample also gets one column per entry of `reward_keys`: None = the configured reward,
-    (alpha, form, r1, r2) = the world's mixture at alpha (the mixture shift's levels).
-    """
-
-    def __init__(self, *, policies: list[str], reference_path: str, tokenizer_path: str, max_new_tokens: int,
-                 seed: int, use_gpu: bool, reward: str = "", reward_keys: Optional[dict] = None):
-        import torch
-        from transformers import AutoTokenizer
-
-        from pipelines import model as model_lib
-
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.policies = [load_model(path, self.device) for path in policies]
-        self.reference = load_model(reference_path, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.pad = model_lib.pad_token_id_of(self.reference)
-        self.eos = self.tokenizer.eos_token_id
-        self.max_new_tokens, self.seed = max_new_tokens, seed
-        self.reward, self.reward_keys = None, dict(reward_keys or {})
-        if reward:
-            from pipelines.eval_rewards import RewardFunction
-
-            self.reward = RewardFunction(reward, device=self.device)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.eval_generation import sample_uniforms, sample_with_kl
-
-        n = len(batch["prompt_index"])
-        out = {"response": np.empty(n, dtype=object), **{k: np.zeros(n) for k in ("kl", "kl_mc", "policy_logps")},
-               "length": np.zeros(n, dtype=np.int64)}
-        for model_index in np.unique(batch["model_index"]):
-            rows = np.flatnonzero(batch["model_index"] == model_index)
-            uniforms = sample_uniforms(self.seed, batch["prompt_index"][rows], batch["sample_index"][rows],
-                                       self.max_new_tokens)
-            prompts = [list(map(int, batch["prompt_input_ids"][i])) for i in rows]
-            sampled = sample_with_kl(self.policies[int(model_index)], self.reference, prompts, uniforms,
-                                     eos_token_id=self.eos, pad_token_id=self.pad)
-            for key in ("kl", "kl_mc", "policy_logps", "length"):
-                out[key][rows] = sampled[key]
-            for i, ids in zip(rows, sampled["response_ids"]):
-                out["response"][i] = self.tokenizer.decode([int(t) for t in ids if t != self.eos],
-                                                           skip_special_tokens=True)
-        if self.reward is not None:
-            prompts, responses = list(batch["prompt"]), list(out["response"])
-            for column, key in self.reward_keys.items():
-                if key is None:
-                    out[column] = self.reward.score(prompts, responses)
-                else:
-                    alpha, form, r1, r2 = key
-                    out[column] = self.reward.score(prompts, responses, alpha=alpha, form=form, components=(r1, r2))
-        return {k: batch[k] for k in ("model_index", "prompt_index", "sample_index", "prompt")} | out
-
-
-# [3] Metrics: pure functions ---------------------------------------------------------------------
+# [2] Metrics: pure functions ---------------------------------------------------------------------
 
 
 def pair_metrics(policy_chosen: np.ndarray, policy_rejected: np.ndarray, reference_chosen: np.ndarray,
@@ -297,7 +199,7 @@ def weighted_prompt_metrics(level_prompts: Sequence[str], per_prompt: pd.DataFra
     return out
 
 
-# [4] The stage -----------------------------------------------------------------------------------
+# [3] The stage -----------------------------------------------------------------------------------
 
 
 _START = [0.0]
@@ -369,7 +271,7 @@ def compute_pair_logps(ds, models: list[tuple[str, str]], cfg: EvaluateConfig, g
     for chunk in _chunks(models, cfg.models_per_actor):
         _log(f"log-probs of the eval pairs under {len(chunk)} model(s): {', '.join(p for p, _ in chunk)}")
         ds = ds.map_batches(ResponseLogps, fn_constructor_kwargs={"models": chunk, "use_gpu": gpu},
-                            batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.concurrency,
+                            batch_size=cfg.batch_size, batch_format="pyarrow", compute=_actor_pool(cfg),
                             **resources).materialize()
     return ds
 
@@ -402,7 +304,7 @@ def sample_checkpoints(ds, checkpoints, cfg: EvaluateConfig, gpu: bool, tokenize
                  for j in range(n)]
         _log(f"sampling {len(prompt_table)} prompts x {n} from {', '.join(t for t, _ in chunk)}")
         gen = ray.data.from_items(items).map_batches(
-            SampleResponses, batch_size=cfg.generation.batch_size, concurrency=cfg.concurrency,
+            SampleResponses, batch_size=cfg.generation.batch_size, compute=_actor_pool(cfg),
             fn_constructor_kwargs={"policies": [path for _, path in chunk], "reference_path": cfg.reference,
                                    "tokenizer_path": tokenizer, "max_new_tokens": cfg.generation.max_new_tokens,
                                    "seed": cfg.generation.seed, "use_gpu": gpu,
@@ -484,7 +386,7 @@ def evaluate(cfg: EvaluateConfig) -> pd.DataFrame:
     return result
 
 
-# [5] CLI -----------------------------------------------------------------------------------------
+# [4] CLI -----------------------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

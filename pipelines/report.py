@@ -311,6 +311,32 @@ def _markdown_table(df: pd.DataFrame, float_format: str = "{:.4f}") -> str:
     return "\n".join(lines)
 
 
+def write_pareto(
+    trials: pd.DataFrame,
+    output_dir: str | Path,
+    *,
+    hyperparameter_cols: Optional[Sequence[str]] = None,
+    ref_point: Optional[tuple[float, float]] = None,
+) -> tuple[pd.DataFrame, tuple[float, float], float]:
+    """Write pareto.csv and pareto.png into `output_dir` (the part of the report a sweep alone gives).
+
+    Returns:
+        (the pareto table, the reference point used, the front's hypervolume).
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = build_pareto_table(trials, hyperparameter_cols)
+    hyper = [c for c in table.columns if c not in (*TRIAL_COLUMNS, *METRIC_COLUMNS, "on_front")]
+    points = table[["reward", "kl"]].to_numpy(dtype=float)
+    if ref_point is None:
+        finite = np.isfinite(points).all(axis=1)
+        ref_point = pareto.default_reference_point(points) if finite.any() else (0.0, 0.0)
+    volume = pareto.hypervolume(points, ref_point)
+    table.to_csv(out / "pareto.csv", index=False)
+    plot_pareto(table, out / "pareto.png", ref_point, volume, hyper)
+    return table, ref_point, volume
+
+
 def write_report(
     trials: pd.DataFrame,
     robustness: pd.DataFrame,
@@ -334,22 +360,18 @@ def write_report(
         title: the report's heading.
     """
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = ReportPaths(out / "pareto.csv", out / "pareto.png", out / "robustness.csv",
                         out / "robustness.png", out / "report.md")
-    table = build_pareto_table(trials, hyperparameter_cols)
-    hyper = [c for c in table.columns if c not in (*TRIAL_COLUMNS, *METRIC_COLUMNS, "on_front")]
-    points = table[["reward", "kl"]].to_numpy(dtype=float)
-    finite = np.isfinite(points).all(axis=1)
     ref_is_default = ref_point is None
-    if ref_point is None:
-        ref_point = pareto.default_reference_point(points) if finite.any() else (0.0, 0.0)
-    volume = pareto.hypervolume(points, ref_point)
-    table.to_csv(paths.pareto_csv, index=False)
-    plot_pareto(table, paths.pareto_png, ref_point, volume, hyper)
+    table, ref_point, volume = write_pareto(trials, out, hyperparameter_cols=hyperparameter_cols, ref_point=ref_point)
+    hyper = [c for c in table.columns if c not in (*TRIAL_COLUMNS, *METRIC_COLUMNS, "on_front")]
+    finite = np.isfinite(table[["reward", "kl"]].to_numpy(dtype=float)).all(axis=1)
 
     rob = build_robustness_table(robustness, trials)
     rob.to_csv(paths.robustness_csv, index=False)
+    # The reference's implicit reward is identically 0 (every pair a tie, pair_accuracy 0 by the
+    # strict rule): it has no pair accuracy to rank or draw, so the tables and plots leave it out.
+    rob = rob.assign(pair_accuracy=rob["pair_accuracy"].where(rob["objective"] != BASELINE_OBJECTIVE))
     summary = summarise_trials(rob)
     best = select_best_trials(summary)
     plot_robustness(rob, best, paths.robustness_png, dict(train_levels or {}))

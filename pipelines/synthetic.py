@@ -1,14 +1,19 @@
 """`robust-dpo synth`: generate the embedded known-reward world (tokenizer, reference model, pairs).
 
-    robust-dpo synth --output worlds/default                       # defaults, ~20-40 s on 2 CPU cores
+    robust-dpo synth --output worlds/default                       # defaults: ~20 s on 2 CPU cores
     robust-dpo synth --output /tmp/w synth.seed=3 synth.label_noise=0.2 synth.n_train=256
 
 Writes DIR/world.json (every parameter: the file defines the world; pipelines/world.py reads it),
 DIR/tokenizer/, DIR/reference_model/ (LlamaForCausalLM + tokenizer, `from_pretrained`-loadable),
 DIR/data/{train,eval}.parquet (pairs with per-reward scores, group, source, DoRA calibration),
 DIR/config.yaml and DIR/timings.json (wall-clock; the only file that differs between equal runs).
-Same seed -> same bytes for everything else on the same software stack.  The design is in
-/work/notes/world.md and the README; OBJECTIVES.md section 8 (E1, E3, E4) is what it adapts.
+Same seed -> same bytes for everything else on the same software stack.
+
+The design adapts OBJECTIVES.md section 8 to words: training labels come from the reward mixture
+r(alpha_train) = alpha*r1 + (1-alpha)*r2 with r2 in conflict with r1 (E1, the WDPO paper's shift);
+pairs come from a concise "target" source or from the verbose "synthetic" source the reference
+model was trained on, whose judge also likes verbosity (E3, DoRA's mixture response shift); and
+an exact fraction of training labels can be flipped (E4).
 """
 
 from __future__ import annotations
@@ -102,7 +107,7 @@ class WorldConfig:
     label_noise: float = 0.0  # in [0, 1]: exact fraction of training labels flipped after labelling
     bt_temperature: float = 0.0  # >= 0: 0 = deterministic labels (argmax); T > 0 = Bradley-Terry sigma(dr/T)
     judge_bias: float = 2.0  # >= 0: the synthetic judge's score is r(alpha) + judge_bias * verbosity
-    target_fraction: float = 0.25  # in [0, 1]: share of training pairs from the target (human) source
+    target_fraction: float = 0.5  # in [0, 1]: share of training pairs from the target (human) source
     eval_target_fraction: float = 0.5  # in [0, 1]: share of eval pairs from the target source
     group_alphas: tuple[float, ...] = (1.0, 0.0)  # mixture alpha each user group wants (g0, g1, ...)
     group_weights: tuple[float, ...] = (0.5, 0.5)  # > 0: relative share of prompts from each group
@@ -181,11 +186,9 @@ def rng_for(seed: int, stream: str) -> np.random.Generator:
 def _round(x) -> list | float:
     """6 significant digits: world.json stays small and the stored numbers are the ones used."""
     a = np.asarray(x, dtype=float)
-    return (
-        [float(f"{v:.6g}") for v in a.ravel()]
-        if a.ndim == 1
-        else ([_round(r) for r in a] if a.ndim > 1 else float(f"{float(a):.6g}"))
-    )
+    if a.ndim == 0:
+        return float(f"{float(a):.6g}")
+    return [_round(row) for row in a]
 
 
 def draw_world_spec(cfg: WorldConfig) -> dict:
@@ -312,14 +315,11 @@ def generate_world(cfg: SynthConfig | WorldConfig, output_dir: str | Path, log=p
         output_dir: the world directory.
         log: progress printer (one line per step).
     """
-    import transformers
-
     from pipelines.toy_models import build_word_tokenizer
 
     wc = cfg.synth if isinstance(cfg, SynthConfig) else cfg
     paths = world_paths(output_dir)
     paths.train.parent.mkdir(parents=True, exist_ok=True)
-    transformers.logging.set_verbosity_error()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 

@@ -382,11 +382,12 @@ def build_trainer(cfg: TrainStageConfig, output_dir: str | Path, callbacks: Sequ
     if cfg.train.use_gpu and not os.environ.get("RAY_ADDRESS") and ray.cluster_resources().get("GPU", 0) < 1:
         raise UserError("train.use_gpu=true but this Ray session has no GPU; set train.use_gpu=false")
     columns = _read_columns(info, cfg, info.columns)
-    datasets = {"train": ray.data.read_parquet(str(data_path / cfg.data.train_split), columns=columns)}
+    datasets = {"train": ray.data.read_parquet(str(data_path / cfg.data.train_split)).select_columns(columns)}
     if info.eval_split:
-        datasets["eval"] = ray.data.read_parquet(str(data_path / info.eval_split), columns=columns)
+        datasets["eval"] = ray.data.read_parquet(str(data_path / info.eval_split)).select_columns(columns)
     for name, ds in datasets.items():
         ds.context.enable_progress_bars = False  # workers print one line per report instead
+        ds.context.execution_options.preserve_order = True  # file order, run after run
         # Tokenised ids are small: read the parquet once into the object store, so each epoch and
         # each evaluation on every worker streams blocks instead of re-launching read tasks.
         datasets[name] = ds.materialize()

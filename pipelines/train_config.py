@@ -335,7 +335,7 @@ def inspect_dataset(cfg: TrainStageConfig) -> DatasetInfo:
     missing = [c for c in needed if c not in columns]
     if missing:
         raise UserError(f"dataset '{cfg.data.path}' split '{cfg.data.train_split}' lacks column(s) {missing}")
-    if name in getattr(registry, "NEEDS_CALIBRATION", ()) and "calibration" not in columns:
+    if needs_calibration(name) and "calibration" not in columns:
         raise UserError(
             f"objective {name!r} needs a 'calibration' column (DoRA's h~); dataset '{cfg.data.path}' has none"
         )
@@ -358,6 +358,33 @@ def inspect_dataset(cfg: TrainStageConfig) -> DatasetInfo:
         path=str(cfg.data.path), format=fmt, train_rows=train_rows, eval_split=eval_split,
         eval_rows=eval_rows, columns=columns, manifest=manifest,
     )
+
+
+def needs_calibration(name: str) -> bool:
+    """Whether objective `name` reads DoRA's calibration field.
+
+    Uses robust_objectives.NEEDS_CALIBRATION when the registry exports it; otherwise asks the
+    objective itself: a two-pair call without calibration raises ValueError naming the field.
+    """
+    import torch
+
+    registry = _objective_registry()
+    if hasattr(registry, "NEEDS_CALIBRATION"):
+        return name in registry.NEEDS_CALIBRATION
+    if name in registry.TOKEN_LEVEL or name in registry.NEEDS_EMBEDDINGS:
+        return False
+    zeros = torch.zeros(2)
+    if name in registry.LISTWISE:
+        grid = torch.zeros(2, 2)
+        inputs = registry.ListwiseLogps(policy_logps=grid, reference_logps=grid, scores=torch.tensor([[1.0, 0.0]] * 2))
+    else:
+        inputs = registry.PreferenceLogps(zeros, zeros, zeros, zeros, chosen_lengths=torch.ones(2),
+                                          rejected_lengths=torch.ones(2))
+    try:
+        registry.get_objective(name)(inputs, **registry.objective_hyperparameters(name))
+    except ValueError as exc:
+        return "calibration" in str(exc)
+    return False
 
 
 def check_model(cfg: TrainStageConfig) -> None:

@@ -110,6 +110,5 @@ def test_collate_labels_only_the_response():
     assert ids.tolist() == [[5, 6, 8, 3], [7, 9, 9, 3]]
     assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
     assert labels.tolist() == [[-100, -100, 8, 3], [-100, 9, 9, 3]]
-    ids, mask, labels = collate_prompt_response([[5]], [[3]], pad_token_id=0)
     with pytest.raises(ValueError, match="at least one token"):
         collate_prompt_response([[]], [[3]], pad_token_id=0)

@@ -213,8 +213,8 @@ def test_evaluate_tiny_checkpoint_matches_direct_computation(ray_session, tiny_w
     rewards = pol.loc["mixture", "reward"].to_numpy()
     assert len(set(np.round(rewards, 12))) == 3  # the mixture moves the reward ...
     assert pol.loc[("label_flip", 0.0), "reward"] == pol.loc[("label_flip", 1.0), "reward"]  # ... label flips do not
-    alpha_train = spec_alpha = world.spec["config"]["alpha_train"]
-    base = spec_alpha * world.reward("r1", list(mine["prompt"]), list(mine["response"])) + (1 - alpha_train) * \
+    alpha_train = world.spec["config"]["alpha_train"]  # `world:DIR` = the training mixture
+    base = alpha_train * world.reward("r1", list(mine["prompt"]), list(mine["response"])) + (1 - alpha_train) * \
         world.reward("r2", list(mine["prompt"]), list(mine["response"]))
     per_prompt = pd.Series(base, index=mine["prompt"].values).groupby(level=0).mean()
     expected = sum(counts[p] * per_prompt[p] for p in sampled) / sum(counts[p] for p in sampled)

@@ -16,6 +16,7 @@ from pipelines.report import (
     select_best_trials,
     shift_metric,
     summarise_trials,
+    write_pareto,
     write_report,
 )
 
@@ -106,3 +107,17 @@ def test_write_report_files(tmp_path):
     assert [line.split("|")[1].strip() for line in table_lines[:2]] == ["kldpo", "dpo"]
     assert "| kldpo | b | tau=0.5 | 0.5000 | 0.7200 |" in text
     assert "![pareto](pareto.png)" in text and "![robustness](robustness.png)" in text
+
+
+def test_write_pareto_alone_and_the_reference_baseline(tmp_path):
+    table, ref, volume = write_pareto(_trials(), tmp_path / "sweep")
+    assert (tmp_path / "sweep" / "pareto.csv").is_file() and (tmp_path / "sweep" / "pareto.png").is_file()
+    assert volume == pytest.approx(pareto.hypervolume(_trials()[["reward", "kl"]].to_numpy(), ref))
+    assert table["on_front"].tolist() == [True, True, False]
+    # The untrained reference ties every pair: its pair accuracy stays in the CSV but is n/a in the table.
+    rob = pd.concat([_robustness().assign(objective=lambda d: d["trial_id"].map({"a": "dpo", "b": "kldpo", "c": "kldpo"})),
+                     pd.DataFrame([{"trial_id": "ref", "objective": "reference", "shift": "mixture", "level": 0.0,
+                                    "reward": 0.4, "kl": 0.0, "pair_accuracy": 0.0}])])
+    paths = write_report(_trials(), rob, tmp_path / "full")
+    assert pd.read_csv(paths.robustness_csv).query("trial_id == 'ref'")["pair_accuracy"].tolist() == [0.0]
+    assert "| reference | ref |  | 0.4000 | 0.4000 | n/a |" in paths.report_md.read_text()

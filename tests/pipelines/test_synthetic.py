@@ -78,14 +78,14 @@ def test_cli_writes_every_artefact_with_the_documented_columns(world_dir):
         "reference_model/tokenizer.json",
     ):
         assert (world_dir / rel).is_file(), rel
+    spec = json.loads((world_dir / "world.json").read_text())
     train = pd.read_parquet(world_dir / "data/train.parquet")
     evals = pd.read_parquet(world_dir / "data/eval.parquet")
     assert tuple(train.columns) == PAIR_COLUMNS == tuple(evals.columns)
     assert (len(train), len(evals)) == (64, 16)
     assert (train.chosen != train.rejected).all() and (train.chosen.str.len() > 0).all()
     assert set(train.source) <= {"target", "synthetic"} and set(train.group) <= {"g0", "g1"}
-    assert train.source.eq("target").sum() == round(0.25 * 64)  # exact target_fraction
-    spec = json.loads((world_dir / "world.json").read_text())
+    assert train.source.eq("target").sum() == round(spec["config"]["target_fraction"] * 64)  # exact share
     assert spec["config"]["alpha_train"] == 0.1 and spec["mixture"]["rewards"] == ["r1", "r2"]
     assert set(spec["rewards"]) == {"r1", "r2", "r3", "verbosity", "length"}
 
