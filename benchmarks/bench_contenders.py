@@ -294,7 +294,7 @@ def _recording_trainer_class():
     class RecordingDPOTrainer(DPOTrainer):
         """DPOTrainer plus two benchmark-only changes that leave a step's work as it is: rows are
         drawn in dataset order (so TRL's step s trains on the same pairs as our step s), and each
-        micro-batch's loss is kept, detached, for the step-0 comparison."""
+        micro-batch's loss is kept, detached, for the steps-0-and-1 comparison."""
 
         def _get_train_sampler(self, train_dataset=None):
             return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)

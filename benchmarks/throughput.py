@@ -14,7 +14,8 @@ TRL default vs our DPO, TRL without gradient checkpointing vs our DPO, then our 
 of kldpo, dora, radpo1 and wdpo.  Each phase's first contender is its baseline ("vs base").
 
 Reported per contender: useful tokens/s (non-pad tokens of all 2B rows, prompt counted in both rows,
-as TRL's num_tokens and our metrics count them), median step time, MFU = model FLOPs / time / the
+as TRL's num_tokens and our metrics count them) over the timed steps, the median of the per-step
+rates (robust to a stalled step on a shared machine), median step time, MFU = model FLOPs / time / the
 bf16 matmul peak measured here (FlopModel in bench_setup.py; n/a on CPU), and peak memory (GPU: own
 peak, see bench_setup.Meter; CPU: the process's peak RSS, shared by every contender).
 `--json` prints one JSON object as the last line (ours_tokens_per_s, trl_tokens_per_s, ...).
@@ -203,14 +204,14 @@ def format_table(phases: list[list[dict]], memory_kind: str) -> str:
     def f(value, spec):
         return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
-    lines = [f"{'phase':<5} {'contender':<26} {'tokens/s':>10} {'step ms':>9} {'MFU':>6} {'peak GiB':>9} "
-             f"{'vs base':>8} {'loss@1':>10}  ({memory_kind})"]
+    lines = [f"{'phase':<5} {'contender':<26} {'tokens/s':>10} {'median':>10} {'step ms':>9} {'MFU':>6} "
+             f"{'peak GiB':>9} {'vs base':>8} {'loss@1':>10}  ({memory_kind})"]
     for i, phase in enumerate(phases, 1):
         base = phase[0].get("tokens_per_s")
         for s in phase:
             lines.append(
                 f"{i:<5} {s['contender']:<26} {f(s.get('tokens_per_s'), ',.0f'):>10} "
-                f"{f(s.get('step_ms_median'), '.1f'):>9} "
+                f"{f(s.get('tokens_per_s_median_step'), ',.0f'):>10} {f(s.get('step_ms_median'), '.1f'):>9} "
                 f"{f(s.get('mfu'), '.1%'):>6} {f(s.get('peak_memory_gib'), '.2f'):>9} "
                 f"{f(ratio(s.get('tokens_per_s'), base), '.2f'):>8} {f(s['early'].get('1', {}).get('loss'), '.6f'):>10}"
                 + (f"  ERROR: {s['error']}" if s.get("error") else ""))

@@ -146,6 +146,7 @@ def compute_reference_dataset(cfg: ReferenceStageConfig) -> Path:
     """Write (or reuse) the cached dataset with reference columns; return its directory."""
     import ray
     import ray.data
+    from ray.data.expressions import col
 
     from pipelines.ray_session import ensure_ray
 
@@ -160,20 +161,26 @@ def compute_reference_dataset(cfg: ReferenceStageConfig) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     context = ray.data.DataContext.get_current()
     previous, context.execution_options.preserve_order = context.execution_options.preserve_order, True
+    splits = sorted(manifest["splits"])
+    files = {split: {str(f.resolve()) for f in schema.split_dir(cfg.data, split).rglob("*.parquet")} for split in splits}
     try:
-        for split in sorted(manifest["splits"]):  # [1] one map_batches pass per split
-            ds = ray.data.read_parquet(str(schema.split_dir(cfg.data, split)))
-            ds = ds.map_batches(
-                ReferenceLogpsPredictor,
-                fn_constructor_kwargs=dict(model_path=cfg.model, listwise=listwise, batch_size=cfg.batch_size,
-                                           precision=cfg.precision, attn=cfg.attn_implementation),
-                batch_size=max(cfg.batch_size, 64),
-                batch_format="pandas",
-                concurrency=cfg.concurrency,
-                num_gpus=1 if cfg.use_gpu else 0,
-                num_cpus=1,
-            )
-            ds.write_parquet(str(staging / split))  # [2] order preserved: file names follow blocks
+        # [1] every split in one read, so one actor pool loads the model once for all of them
+        ds = ray.data.read_parquet(str(Path(cfg.data).resolve()), include_paths=True, file_extensions=["parquet"])
+        ds = ds.map_batches(
+            ReferenceLogpsPredictor,
+            fn_constructor_kwargs=dict(model_path=cfg.model, listwise=listwise, batch_size=cfg.batch_size,
+                                       precision=cfg.precision, attn=cfg.attn_implementation),
+            batch_size=max(cfg.batch_size, 64),
+            batch_format="pandas",
+            concurrency=cfg.concurrency,
+            num_gpus=1 if cfg.use_gpu else 0,
+            num_cpus=1,
+        ).materialize()
+        read_paths = ds.unique("path")
+        for split in splits:  # [2] back into split folders, rows in their original order
+            members = [p for p in read_paths if _local(p) in files[split]]
+            part = ds.filter(expr=col("path").is_in(members)).drop_columns(["path"])
+            part.write_parquet(str(staging / split))
     finally:
         context.execution_options.preserve_order = previous
     fields = {k: v for k, v in manifest.items() if k not in ("kind", "version")}
@@ -191,6 +198,10 @@ def compute_reference_dataset(cfg: ReferenceStageConfig) -> Path:
         staging.rename(target)
     print(f"[reference] wrote reference log-probs to {target}", flush=True)
     return target
+
+
+def _local(path: str) -> str:
+    return str(Path(path.removeprefix("file://")).resolve())
 
 
 def precompute_reference(train_cfg: Any, info: Any) -> Path:

@@ -39,6 +39,7 @@ from typing import Any, Iterator, Sequence
 from pipelines import config as config_lib
 from pipelines import train_config as tc
 from pipelines.errors import UserError
+from pipelines.train_data import iter_eval_micro_batches, iter_global_batches, split_global_batch
 from pipelines.train_config import (  # re-exported for the tune stage
     TrainStageConfig,
     build_train_config,
@@ -48,7 +49,7 @@ from pipelines.train_config import (  # re-exported for the tune stage
 
 __all__ = [
     "TrainResult", "TrainStageConfig", "build_train_config", "build_trainer", "load_train_config",
-    "train", "train_config_to_dict", "train_fn_per_worker",
+    "split_global_batch", "train", "train_config_to_dict", "train_fn_per_worker",
 ]
 
 FAIL_ENV = "ROBUST_DPO_FAIL_AT_STEP"
@@ -81,48 +82,7 @@ class TrainResult:
     checkpoint_path: Path | None
 
 
-# [1] Data: the same global batches on every worker, sliced per rank ----------------------------
-
-
-def split_global_batch(rows: dict[str, Any], *, rank: int, world_size: int, micro_batch_size: int) -> list[dict]:
-    """This rank's micro-batches of one global batch: micro-step m takes rows
-    [(m W + rank) b, (m W + rank + 1) b), so micro-step m of all W workers is one contiguous block."""
-    n = len(next(iter(rows.values())))
-    steps = n // (world_size * micro_batch_size)
-    out = []
-    for m in range(steps):
-        start = (m * world_size + rank) * micro_batch_size
-        out.append({k: v[start : start + micro_batch_size] for k, v in rows.items()})
-    return out
-
-
-def iter_global_batches(iterator, *, batch_size: int, seed: int, epoch: int, shuffle_buffer: int,
-                        skip: int = 0) -> Iterator[dict]:
-    """Global batches of one epoch (drop_last: the final partial batch is not used this epoch)."""
-    shuffle = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed * 100_003 + epoch} \
-        if shuffle_buffer else {}
-    batches = iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, **shuffle)
-    for index, batch in enumerate(batches):
-        if index >= skip:
-            yield batch
-
-
-def iter_eval_micro_batches(iterator, *, rank: int, world_size: int, micro_batch_size: int,
-                            max_rows: int = 0) -> Iterator[dict | None]:
-    """This rank's eval micro-batches (None where the final block leaves it no rows)."""
-    seen = 0
-    for block in iterator.iter_batches(batch_size=world_size * micro_batch_size, batch_format="numpy"):
-        n = len(next(iter(block.values())))
-        if max_rows:
-            n = min(n, max_rows - seen)
-        if n <= 0:
-            return
-        seen += n
-        start, stop = rank * micro_batch_size, min((rank + 1) * micro_batch_size, n)
-        yield {k: v[start:stop] for k, v in block.items()} if start < stop else None
-
-
-# [2] The per-worker loop -----------------------------------------------------------------------
+# [1] The per-worker loop -----------------------------------------------------------------------
 
 
 def build_schedule(optimizer, cfg: TrainStageConfig, total_steps: int):
@@ -230,7 +190,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
             state = train_state.load_checkpoint(Path(directory), policy, optimizer, scheduler)
         step, history = state["step"], state["history"]
         if rank == 0:
-            print(f"[train] resumed from step {step}", flush=True)
+            _say(f"[train] resumed from step {step}")
 
     collate = model_lib.collate_lists if plan.listwise else model_lib.collate_pairs
     pad = model_lib.pad_token_id_of(policy)
@@ -244,6 +204,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
     started = time.perf_counter()
     while step < plan.total_steps:  # [4] epochs of global batches, resumed mid-epoch
         epoch, offset = divmod(step, plan.steps_per_epoch)
+        before = step
         for rows in iter_global_batches(train_data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                         epoch=epoch, shuffle_buffer=cfg.data.shuffle_buffer, skip=offset):
             micro = [prepare(r) for r in split_global_batch(
@@ -255,7 +216,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
                 Path(plan.fail_marker).write_text(f"injected failure at step {step}\n")
                 raise RuntimeError(f"{FAIL_ENV}={step}: injected failure on rank 0 (fires once)")
             if step % cfg.train.checkpoint_every == 0 or step == plan.total_steps:  # [5] report
-                elapsed, started = time.perf_counter() - started, time.perf_counter()
+                elapsed = time.perf_counter() - started  # training only: eval and checkpoint excluded
                 row = _average_interval(interval)
                 row.update(step=step, epoch=step / plan.steps_per_epoch,
                            tokens_per_s=sum(m["tokens"] for m in interval) / max(elapsed, 1e-9))
@@ -269,8 +230,11 @@ def train_fn_per_worker(loop_config: dict) -> None:
                 history.append(row)
                 _report(row, history, policy, optimizer, scheduler, cfg, step=step, rank=rank,
                         final=step == plan.total_steps, total=plan.total_steps)
+                started = time.perf_counter()
             if step >= plan.total_steps:
                 break
+        if step == before:  # the split shrank since the driver counted it: fail, do not spin
+            raise RuntimeError(f"epoch {epoch} of the train split yielded no batch after skipping {offset}")
 
 
 def _report(row, history, policy, optimizer, scheduler, cfg, *, step, rank, final, total) -> None:
@@ -289,9 +253,15 @@ def _report(row, history, policy, optimizer, scheduler, cfg, *, step, rank, fina
                 train_state.save_final_model(directory / train_state.FINAL_MODEL_DIR, policy,
                                              model_path=cfg.model.path, lora=cfg.lora.r > 0, weights=weights)
         if rank == 0:
-            print(_progress_line(row, total), flush=True)
+            _say(_progress_line(row, total))
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
         ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+
+def _say(line: str) -> None:
+    # Train V2 patches print() to tee into its logger, which reaches the driver twice; the raw
+    # stream is forwarded once.
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def _progress_line(row: dict[str, float], total: int) -> str:
@@ -303,7 +273,7 @@ def _progress_line(row: dict[str, float], total: int) -> str:
     return "[train] " + " | ".join(parts)
 
 
-# [3] Driver: validate, build the TorchTrainer, collect the outputs ------------------------------
+# [2] Driver: validate, build the TorchTrainer, collect the outputs ------------------------------
 
 
 def _read_columns(info: tc.DatasetInfo, cfg: TrainStageConfig, columns: Sequence[str]) -> list[str]:
@@ -369,6 +339,12 @@ def build_trainer(cfg: TrainStageConfig, output_dir: str | Path, callbacks: Sequ
     """The TorchTrainer of this run (validated first).  `callbacks` go to RunConfig (Tune adds
     ray.tune.integration.ray_train.TuneReportCallback).  Storage: `output_dir`/checkpoints, a fixed
     name, so rerunning with the same output_dir resumes from its latest checkpoint."""
+    output_dir = Path(output_dir).resolve()
+    return _build_trainer(cfg, output_dir, *prepare_run(cfg, output_dir), callbacks=callbacks)
+
+
+def _build_trainer(cfg: TrainStageConfig, output_dir: Path, info: tc.DatasetInfo, plan: RunPlan, data_path: Path,
+                   callbacks: Sequence[Any] = ()):
     import ray
     import ray.data
     import ray.train
@@ -376,8 +352,6 @@ def build_trainer(cfg: TrainStageConfig, output_dir: str | Path, callbacks: Sequ
 
     from pipelines.ray_session import ensure_ray
 
-    output_dir = Path(output_dir).resolve()
-    info, plan, data_path = prepare_run(cfg, output_dir)
     ensure_ray()
     if cfg.train.use_gpu and not os.environ.get("RAY_ADDRESS") and ray.cluster_resources().get("GPU", 0) < 1:
         raise UserError("train.use_gpu=true but this Ray session has no GPU; set train.use_gpu=false")
@@ -450,11 +424,12 @@ def collect_outputs(output_dir: Path, checkpoint_dir: Path | None) -> TrainResul
                        metrics_dataframe=frame, checkpoint_path=checkpoint_dir)
 
 
-def train(cfg: TrainStageConfig, output_dir: str | Path | None = None) -> TrainResult:
+def train(cfg: TrainStageConfig, output_dir: str | Path | None = None, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Validate, fit (or resume, or notice the run is complete), write metrics.csv and final_model/.
 
     Args:
         cfg: the stage config; `output_dir` defaults to cfg.output.
+        callbacks: ray.train.UserCallbacks for RunConfig (Tune passes TuneReportCallback).
 
     Raises:
         UserError: bad input (before any worker starts).
@@ -468,16 +443,16 @@ def train(cfg: TrainStageConfig, output_dir: str | Path | None = None) -> TrainR
         raise UserError("the train stage needs an output directory (--output DIR)")
     output_dir = output_dir.resolve()
     cfg = dataclasses.replace(cfg, output=str(output_dir))
-    trainer = build_trainer(cfg, output_dir)
+    info, plan, data_path = prepare_run(cfg, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, output_dir / "config.yaml")
     latest = train_state.find_latest_checkpoint(output_dir / CHECKPOINTS)
-    total = trainer.train_loop_config["plan"]["total_steps"]
-    if latest is not None and train_state.read_train_state(latest)["step"] >= total and (
+    if latest is not None and train_state.read_train_state(latest)["step"] >= plan.total_steps and (
         latest / train_state.FINAL_MODEL_DIR
     ).is_dir():
-        print(f"[train] {output_dir} is already complete ({total} steps); nothing to do", flush=True)
+        print(f"[train] {output_dir} is already complete ({plan.total_steps} steps); nothing to do", flush=True)
         return collect_outputs(output_dir, latest)
+    trainer = _build_trainer(cfg, output_dir, info, plan, data_path, callbacks=callbacks)
     error = None
     try:
         result = trainer.fit()
@@ -490,7 +465,7 @@ def train(cfg: TrainStageConfig, output_dir: str | Path | None = None) -> TrainR
     return outputs
 
 
-# [4] CLI ----------------------------------------------------------------------------------------
+# [3] CLI ----------------------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

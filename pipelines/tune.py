@@ -83,8 +83,9 @@ class TuneStageConfig:
 
 
 def trial_name(objective: dict[str, Any]) -> str:
-    """`kldpo-beta=0.1-tau=0.5`: readable, stable across reruns (keys sorted), path-safe."""
-    parts = [objective["name"]] + [f"{k}={objective[k]}" for k in sorted(objective) if k != "name"]
+    """`kldpo-beta_0.1-tau_0.5`: readable, stable across reruns (keys sorted), path-safe, no '='
+    (evaluate's `--checkpoint NAME=PATH` splits on it)."""
+    parts = [objective["name"]] + [f"{k}_{objective[k]}" for k in sorted(objective) if k != "name"]
     name = "-".join(str(p).replace("/", "_").replace(" ", "") for p in parts)
     if len(name) > 120:  # long override lists: keep it a valid directory name
         name = f"{objective['name']}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
@@ -205,7 +206,8 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     started = time.perf_counter()
     result = train_lib.train(train_cfg, trial_dir, callbacks=[TuneReportCallback()])
     resources = {"num_gpus": 1} if train_cfg.train.use_gpu else {"num_cpus": 1}
-    scores = ray.get(ray.remote(score_policy).options(**resources).remote(
+    # "DEFAULT" lets the task leave the trial's placement group (it only holds the driver's CPU share).
+    scores = ray.get(ray.remote(score_policy).options(**resources, scheduling_strategy="DEFAULT").remote(
         str(result.final_model_path), train_cfg.model.path, train_cfg.data.path, dataclasses.asdict(cfg.trial_eval)))
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     row = {**final, **scores, "trial_id": name, "objective": objective["name"],

@@ -173,3 +173,29 @@ def test_headline_takes_ratios_within_a_phase_and_judges_the_targets():
     assert memory["measured"] == pytest.approx(1.2) and memory["met"] is False  # 12 GiB vs TRL's 10
     assert t["mfu_llama1b"]["measured"] is None and t["dora_vs_dpo"]["met"] is None
     assert np.isfinite(h["ours_vs_trl"])
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_qwen_preset_on_cuda_measures_mfu_and_agrees_with_trl():
+    """GPU smoke of a target preset (skipped without CUDA or TRL): bf16, 1 warm-up + 2 timed steps.
+    bf16 autocast on both sides, with different LM-head kernels (TRL's chunked head vs our full
+    logits), so the log-probs are compared at 1% rather than fp32 precision."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if not HAS_TRL:
+        pytest.skip(NO_TRL)
+    command = [sys.executable, "-m", "benchmarks.throughput", "--preset", "qwen0.5b", "--warmup", "1",
+               "--steps", "2", "--phases", "trl,ours:dpo", "--json"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    r = json.loads(result.stdout.strip().splitlines()[-1])
+    assert r["precision"] == "bf16" and r["peak_bf16"]["max_tflops"] > 50
+    assert 0 < r["ours_mfu"] < 1 and 0 < r["trl_mfu"] < 1 and r["ours_peak_memory_gib"] > 0
+    trl, ours = r["early_steps"]["trl"]["0"], r["early_steps"]["ours"]["0"]
+    for side in (trl, ours):
+        assert side["loss"] == pytest.approx(math.log(2.0), abs=1e-3)  # policy = reference at step 0
+    for key in ("logps/chosen", "logps/rejected"):
+        assert trl[key] == pytest.approx(ours[key], rel=1e-2), key

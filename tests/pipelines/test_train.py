@@ -76,7 +76,7 @@ def test_smoke_two_workers_writes_metrics_checkpoints_and_a_loadable_model(run_a
     trained = AutoModelForCausalLM.from_pretrained(result.final_model_path)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     AutoTokenizer.from_pretrained(result.final_model_path)
-    trained_q = trained.model.layers[0].self_attn.q_proj.weight
+    trained_q = trained.model.layers[0].self_attn.q_proj.weight.detach()
     assert float((trained_q - base.model.layers[0].self_attn.q_proj.weight).abs().max()) > 1e-4
     assert torch.equal(trained.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
     assert result.metrics["step"] == 4 and math.isfinite(result.metrics["loss"])
