@@ -138,6 +138,7 @@ def check_tune_config(cfg: TuneStageConfig) -> None:
     from pipelines.eval_rewards import RewardFunction
 
     RewardFunction(cfg.trial_eval.reward)  # loads / imports now: a bad spec fails before any trial
+    sections = grid_sections(cfg) if cfg.search.search == "grid" else []
     first = {"name": cfg.search.objectives[0]}
     train_cfg = trial_train_config(cfg, first, Path(cfg.output) / TRIALS_DIR / "check")
     from pipelines import train_config as tc
@@ -145,9 +146,8 @@ def check_tune_config(cfg: TuneStageConfig) -> None:
     tc.check_train_config(train_cfg)
     tc.inspect_dataset(train_cfg)
     tc.check_model(train_cfg)
-    if cfg.search.search == "grid":
-        for section in grid_sections(cfg):
-            trial_train_config(cfg, section, Path(cfg.output) / TRIALS_DIR / trial_name(section))
+    for section in sections:
+        trial_train_config(cfg, section, Path(cfg.output) / TRIALS_DIR / trial_name(section))
 
 
 # [2] The trial: train (TorchTrainer), then sample and score ------------------------------------
