@@ -1,9 +1,13 @@
 """Stage 4 (train): one objective on Ray Train's TorchTrainer, on CPU or GPUs, resumable.
 
-    robust-dpo train --output runs/dpo model.path=runs/world/model data.path=runs/world/tok \\
-        objective.name=dpo objective.beta=0.1 train.num_workers=2 train.max_steps=20
+    robust-dpo synth --output worlds/default
+    robust-dpo data --dataset worlds/default/data --tokenizer worlds/default/tokenizer \
+        --output worlds/default/tokenized
+    robust-dpo train --output runs/dpo model.path=worlds/default/reference_model \
+        data.path=worlds/default/tokenized objective.name=dpo objective.beta=0.1 \
+        train.num_workers=2 train.max_steps=20
     robust-dpo train --output runs/kl --config pipelines/configs/train_kldpo_lora.yaml
-    # resume / recover: rerun the same command (same --output); faults: train.max_failures=1
+    # resume / recover: rerun the same command (same --output); worker faults: train.max_failures=1
     # drill: ROBUST_DPO_FAIL_AT_STEP=3 robust-dpo train ... (rank 0 raises once after step 3)
     # cluster: the same under `ray job submit -- ...` with train.use_gpu=true train.num_workers=N
 
@@ -13,13 +17,15 @@ DIR/final_model/ (HF model dir, LoRA merged, + tokenizer; load with from_pretrai
 
 Layers (RAY_NOTES.md 5.1-5.3, STYLE.md G7): `train_fn_per_worker(loop_config)` is the per-worker
 loop; `build_trainer(cfg, output_dir, callbacks)` builds the TorchTrainer (Tune's driver function
-calls it with TuneReportCallback); `train(cfg)` validates, fits and collects the outputs.
+passes TuneReportCallback); `train(cfg)` validates, fits and collects the outputs.
 
-Data: every worker streams the same seeded sequence of global batches of train.batch_size rows
-(Ray Data, order preserved, per-epoch local shuffle seeded by (seed, epoch)) and keeps its slice of
-each micro-step.  The global batch of step s is therefore the same for any number of workers,
-and a restart at step s skips exactly the s global batches already consumed.  The price: each
-worker reads (not trains on) the whole split, which is small next to the forward passes.
+- Data (train_data.py): every worker streams the same seeded global batches and keeps its slice,
+  so step s sees the same pairs for any worker count and a restart skips exactly s batches.
+- Step (train_step.py): gradients averaged over workers; batch-coupled objectives see the whole
+  optimizer step (all workers, all accumulation micro-steps) through `gather`.
+- Metrics: all-reduced before ray.train.report; every report carries a checkpoint, and the
+  metrics history rides in it (train_state.py), so DIR/metrics.csv survives restarts.
+- WDPO: eager attention (fused SDPA has no double backward), inputs_embeds kept in the graph.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from pipelines import config as config_lib
 from pipelines import train_config as tc
@@ -104,15 +110,14 @@ def build_schedule(optimizer, cfg: TrainStageConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_worker_models(cfg: TrainStageConfig, device, world_size: int):
-    """Policy (LoRA-wrapped when lora.r > 0), optional frozen reference, optimizer, scheduler inputs.
+def build_worker_models(cfg: TrainStageConfig, device):
+    """Policy (LoRA-wrapped when lora.r > 0) and, for full fine-tuning with a live reference, a
+    frozen reference copy; both FSDP2-sharded under train.strategy=fsdp.
 
     Returns:
         (policy, reference) where reference is None for LoRA (adapter-disabled base) or a
         precomputed reference.
     """
-    import torch
-
     from pipelines import model as model_lib
 
     attn = tc.attention_implementation(cfg)
@@ -169,7 +174,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
 
-    policy, reference = build_worker_models(cfg, device, world)  # [2] models
+    policy, reference = build_worker_models(cfg, device)  # [2] models
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = build_schedule(optimizer, cfg, plan.total_steps)

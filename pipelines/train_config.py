@@ -11,7 +11,6 @@ raises `UserError` (exit 2) before Ray starts a worker.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence

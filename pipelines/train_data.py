@@ -28,8 +28,10 @@ def split_global_batch(rows: dict[str, Any], *, rank: int, world_size: int, micr
 def iter_global_batches(iterator, *, batch_size: int, seed: int, epoch: int, shuffle_buffer: int,
                         skip: int = 0) -> Iterator[dict]:
     """Global batches of one epoch (drop_last: the final partial batch is not used this epoch)."""
-    shuffle = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed * 100_003 + epoch} \
-        if shuffle_buffer else {}
+    shuffle = {}
+    if shuffle_buffer:  # a buffer smaller than a batch could not fill one batch with shuffled rows
+        shuffle = {"local_shuffle_buffer_size": max(shuffle_buffer, batch_size),
+                   "local_shuffle_seed": seed * 100_003 + epoch}
     batches = iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, **shuffle)
     for index, batch in enumerate(batches):
         if index >= skip:

@@ -2,12 +2,14 @@
 
 Each TorchTrainer.fit costs ~20-30 s on 2 cores, so this module runs four fits in all, sharing
 one Ray session, all on kldpo (batch-coupled) with LoRA, 4 steps of 8 pairs, reports at steps 2, 4:
-  A   2 workers, stopped at max_steps=2, then rerun to max_steps=4 into the same --output (driver-
-      level resume: the second fit restores weights, optimizer, scheduler and skips 2 batches);
-  B   2 workers, ROBUST_DPO_FAIL_AT_STEP=3, max_failures=1 (rank 0 raises once after step 3; Ray
-      restarts the workers from the step-2 checkpoint);
-  C   1 worker, micro-batch 4 x 2 accumulation micro-steps, never interrupted.
-A and B must match C: A and B exactly (same arithmetic), C to fp32 summation order (rel. 1e-5).
+  A   2 workers, uninterrupted (the smoke run);
+  B   2 workers, ROBUST_DPO_FAIL_AT_STEP=3, max_failures=1: rank 0 raises once after step 3 and
+      Ray restarts the workers from the step-2 checkpoint;
+  C   1 worker, micro-batch 4 x 2 accumulation micro-steps, stopped at max_steps=2 and rerun to
+      max_steps=4 into the same --output (driver-level resume: a new fit restores weights,
+      optimizer, scheduler and skips the 2 global batches already used).
+B must equal A exactly (same arithmetic) and C must equal A to fp32 summation order (rel. 1e-5):
+no pair skipped or seen twice, and the coupled statistic is global for 1 or 2 workers.
 """
 
 from __future__ import annotations
@@ -39,10 +41,7 @@ def _config(model_dir, data_dir, output, *extra):
 
 @pytest.fixture(scope="module")
 def run_a(ray_session, tiny_model_dir, pairs_dataset, tmp_path_factory):
-    """A: stopped at step 2, then rerun to step 4 into the same --output."""
-    output = tmp_path_factory.mktemp("train_runs") / "a"
-    first = train(_config(tiny_model_dir, pairs_dataset, output, "train.max_steps=2"))
-    return first, train(_config(tiny_model_dir, pairs_dataset, output))
+    return train(_config(tiny_model_dir, pairs_dataset, tmp_path_factory.mktemp("train_runs") / "a"))
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +50,15 @@ def runs_bc(ray_session, tiny_model_dir, pairs_dataset, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(FAIL_ENV, "3")
         faulted = train(_config(tiny_model_dir, pairs_dataset, root / "b", "train.max_failures=1"))
-    single = train(_config(tiny_model_dir, pairs_dataset, root / "c", "train.num_workers=1"))
-    return faulted, single
+    first = train(_config(tiny_model_dir, pairs_dataset, root / "c", "train.num_workers=1", "train.max_steps=2"))
+    resumed = train(_config(tiny_model_dir, pairs_dataset, root / "c", "train.num_workers=1"))
+    return faulted, first, resumed
 
 
 def test_smoke_two_workers_writes_metrics_checkpoints_and_a_loadable_model(run_a, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result = run_a[1]
+    result = run_a
     frame = pd.read_csv(result.output_dir / "metrics.csv")
     assert list(frame["step"]) == [2, 4]
     for column in REQUIRED_COLUMNS:
@@ -83,20 +83,20 @@ def test_smoke_two_workers_writes_metrics_checkpoints_and_a_loadable_model(run_a
 
 
 def test_rerun_of_a_finished_run_does_nothing(run_a, tiny_model_dir, pairs_dataset, capsys):
-    result = train(_config(tiny_model_dir, pairs_dataset, run_a[1].output_dir))
+    result = train(_config(tiny_model_dir, pairs_dataset, run_a.output_dir))
     assert "already complete" in capsys.readouterr().out
-    assert result.metrics == run_a[1].metrics
+    assert result.metrics == run_a.metrics
 
 
 @pytest.mark.slow
-def test_driver_resume_and_worker_restart_match_an_uninterrupted_run(run_a, runs_bc):
-    """No pair skipped or seen twice: every report of A (resumed) and B (restarted after an injected
-    failure) equals the uninterrupted single-worker run C."""
-    first, resumed = run_a
-    a, b, c = (pd.read_csv(r.output_dir / "metrics.csv") for r in (resumed, *runs_bc))
-    assert first.metrics["step"] == 2 and first.metrics["loss"] == a["loss"].iloc[0]
-    assert (runs_bc[0].output_dir / ".fault_injected_at_step_3").is_file()
+def test_worker_restart_and_driver_resume_match_an_uninterrupted_run(run_a, runs_bc):
+    """No pair skipped or seen twice: every report of B (restarted after an injected failure) and C
+    (one worker, resumed by a second fit) equals the uninterrupted two-worker run A."""
+    faulted, first, resumed = runs_bc
+    a, b, c = (pd.read_csv(r.output_dir / "metrics.csv") for r in (run_a, faulted, resumed))
+    assert first.metrics["step"] == 2 and first.metrics["loss"] == c["loss"].iloc[0]
+    assert (faulted.output_dir / ".fault_injected_at_step_3").is_file()
     for column in ("loss", "grad_norm", "rewards/margins", "eval/loss"):
         assert b[column].tolist() == a[column].tolist(), column  # same workers: bit-identical
-        assert a[column].to_numpy() == pytest.approx(c[column].to_numpy(), rel=1e-5, abs=1e-7), column
+        assert c[column].to_numpy() == pytest.approx(a[column].to_numpy(), rel=1e-5, abs=1e-7), column
     assert a["loss"].iloc[0] != pytest.approx(a["loss"].iloc[1], rel=1e-3)  # training moved the loss
