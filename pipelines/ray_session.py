@@ -19,13 +19,16 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Quiet, offline-friendly defaults: no dashboard, no usage stats.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Workers' prints (training progress) are forwarded to this terminal unless turned off: the
+    # tests turn it off so that stderr holds only what the command under test printed.
+    log_to_driver = os.environ.get("ROBUST_DPO_RAY_LOG_TO_DRIVER", "1") != "0"
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
         return
     ray.init(
         num_cpus=num_cpus or max(8, 2 * (os.cpu_count() or 2)),
         include_dashboard=False,
-        log_to_driver=True,
+        log_to_driver=log_to_driver,
         configure_logging=True,
         logging_level="WARNING",
     )

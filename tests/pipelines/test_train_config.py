@@ -61,8 +61,12 @@ def test_bad_config_is_one_line_user_error(overrides, message):
 def _cli(args, capsys):
     from pipelines.cli import main
 
+    capsys.readouterr()
     code = main(["train", *args])
-    return code, capsys.readouterr().err.strip().splitlines()
+    # Ray forwards its own actors' logs ("(PlacementGroupCleaner pid=...)") to this process's
+    # stderr when an earlier test in the session ran Ray; those lines are not ours.
+    lines = capsys.readouterr().err.strip().splitlines()
+    return code, [line for line in lines if not line.startswith(("\x1b[", "("))]
 
 
 def test_cli_rejects_bad_inputs_before_any_worker(tmp_path, tiny_model_dir, pairs_dataset, listwise_dataset, capsys):
@@ -84,7 +88,7 @@ def test_cli_rejects_bad_inputs_before_any_worker(tmp_path, tiny_model_dir, pair
 
 
 def test_dora_needs_a_calibration_column(tmp_path, tiny_model_dir, capsys):
-    from conftest import write_pairs_dataset
+    from train_datasets import write_pairs_dataset
 
     data = write_pairs_dataset(tmp_path / "nocal", {"train": 8}, calibration=False)
     code, err = _cli(["--output", str(tmp_path / "run"), f"model.path={tiny_model_dir}", f"data.path={data}",

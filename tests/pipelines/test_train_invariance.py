@@ -32,7 +32,7 @@ SHARP = {"beta": 1.0, "tau": 0.05, "beta_prime": 0.05, "lam": 0.05, "penalty": "
 
 
 def _global_batches(listwise: bool) -> list[dict]:
-    from conftest import make_list_columns, make_pair_columns
+    from train_datasets import make_list_columns, make_pair_columns
 
     batches = []
     for step in range(STEPS):
