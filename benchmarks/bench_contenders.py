@@ -175,20 +175,10 @@ def build_ours_config(spec: ContenderSpec, setup: BenchSetup):
 
 
 def build_step_context(cfg, *, rank: int = 0, world_size: int = 1):
-    """StepContext exactly as `train_fn_per_worker` builds it (kept in step with pipelines/train.py)."""
-    import robust_objectives as ro
+    """StepContext exactly as `train_fn_per_worker` builds it."""
+    from pipelines.train import build_step_context as build
 
-    from pipelines import train_step as step_lib
-
-    name = cfg.objective.name
-    return step_lib.StepContext(
-        objective=ro.get_objective(name), hyperparameters=dict(cfg.objective.hyperparameters),
-        listwise=name in ro.LISTWISE, needs_vocab=name in ro.TOKEN_LEVEL,
-        needs_embeddings=name in ro.NEEDS_EMBEDDINGS, batch_coupled=name in ro.BATCH_COUPLED,
-        live_reference=cfg.reference.mode == "live", precision=cfg.train.precision,
-        max_grad_norm=cfg.train.max_grad_norm, global_accumulation=cfg.train.global_accumulation,
-        world_size=world_size, rank=rank, seed=cfg.train.seed, sync_gradients=cfg.train.strategy == "ddp",
-    )
+    return build(cfg, rank=rank, world_size=world_size)
 
 
 def precompute_reference_columns(model, pairs: bs.PreferencePairs, cfg, device, pad: int) -> dict[str, np.ndarray]:

@@ -41,7 +41,7 @@ import pandas as pd
 from pipelines import config as config_lib
 from pipelines import schema, shifts
 from pipelines.errors import UserError
-from pipelines.eval_generation import ResponseLogps, SampleResponses, load_model  # noqa: F401 (load_model: public here too)
+from pipelines.eval_generation import ResponseLogps, SampleResponses
 
 RESULT_COLUMNS = (
     "trial_id", "checkpoint", "shift", "level", "spec", "reward", "kl", "kl_mc", "pair_accuracy",

@@ -154,11 +154,28 @@ def _average_interval(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r.get(k, math.nan) for r in rows) / len(rows) for k in keys}
 
 
+def build_step_context(cfg: TrainStageConfig, *, rank: int = 0, world_size: int = 1):
+    """The worker's StepContext: which objective, which inputs it needs, how gradients are reduced
+    (also used by benchmarks/throughput.py, so the benchmark runs exactly this step)."""
+    import robust_objectives as ro
+
+    from pipelines import train_step as step_lib
+
+    name = cfg.objective.name
+    return step_lib.StepContext(
+        objective=ro.get_objective(name), hyperparameters=dict(cfg.objective.hyperparameters),
+        listwise=name in ro.LISTWISE, needs_vocab=name in ro.TOKEN_LEVEL,
+        needs_embeddings=name in ro.NEEDS_EMBEDDINGS, batch_coupled=name in ro.BATCH_COUPLED,
+        live_reference=cfg.reference.mode == "live", precision=cfg.train.precision,
+        max_grad_norm=cfg.train.max_grad_norm, global_accumulation=cfg.train.global_accumulation,
+        world_size=world_size, rank=rank, seed=cfg.train.seed, sync_gradients=cfg.train.strategy == "ddp",
+    )
+
+
 def train_fn_per_worker(loop_config: dict) -> None:
     """Ray Train worker: rebuild the config, restore, then step / report / checkpoint until done."""
     import ray.train
     import ray.train.torch
-    import robust_objectives as ro
     import torch
 
     from pipelines import model as model_lib
@@ -178,15 +195,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = build_schedule(optimizer, cfg, plan.total_steps)
-    name = cfg.objective.name
-    ctx = step_lib.StepContext(
-        objective=ro.get_objective(name), hyperparameters=dict(cfg.objective.hyperparameters),
-        listwise=name in ro.LISTWISE, needs_vocab=name in ro.TOKEN_LEVEL,
-        needs_embeddings=name in ro.NEEDS_EMBEDDINGS, batch_coupled=name in ro.BATCH_COUPLED,
-        live_reference=cfg.reference.mode == "live", precision=cfg.train.precision,
-        max_grad_norm=cfg.train.max_grad_norm, global_accumulation=cfg.train.global_accumulation,
-        world_size=world, rank=rank, seed=cfg.train.seed, sync_gradients=cfg.train.strategy == "ddp",
-    )
+    ctx = build_step_context(cfg, rank=rank, world_size=world)
 
     step, history = 0, []  # [3] restore: weights, optimizer, scheduler, step (= data position)
     checkpoint = ray.train.get_checkpoint()

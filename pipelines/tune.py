@@ -161,7 +161,7 @@ def score_policy(policy_path: str, reference_path: str, data_path: str, trial_ev
     from pipelines import schema
     from pipelines.eval_generation import sample_uniforms, sample_with_kl
     from pipelines.eval_rewards import RewardFunction
-    from pipelines.evaluate import load_model
+    from pipelines.eval_generation import load_model
     from pipelines.model import pad_token_id_of
 
     te = TrialEvalConfig(**trial_eval)
