@@ -25,6 +25,7 @@ copies get row_id `<row_id>#<k>`).  Target proportions then hold in expectation,
 from __future__ import annotations
 
 import hashlib
+import os
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -197,11 +198,15 @@ def _fmt(value: Any) -> str:
 
 
 def row_uniforms(row_ids: Sequence[str], seed: int, tag: str) -> np.ndarray:
-    """(B,) uniforms in [0, 1), one per row, from blake2b(seed, tag, row_id): batching-independent."""
+    """(B,) uniforms in [0, 1), one per row, from blake2b(seed, tag, row_id): batching-independent.
+
+    Only the file *name* part of the row_id is hashed ("/any/dir/train.parquet:row 5" ->
+    "train.parquet:row 5"), so the same data and seed give the same shift wherever the data lives.
+    """
     out = np.empty(len(row_ids), dtype=np.float64)
     prefix = f"{seed}\0{tag}\0".encode()
     for i, rid in enumerate(row_ids):
-        digest = hashlib.blake2b(prefix + str(rid).encode(), digest_size=8).digest()
+        digest = hashlib.blake2b(prefix + os.path.basename(str(rid)).encode(), digest_size=8).digest()
         out[i] = int.from_bytes(digest, "little") / 2.0**64
     return out
 

@@ -247,3 +247,13 @@ def test_default_mixture_rewards():
     assert default_mixture_rewards(["length", "r1", "r2", "r3", "verbosity"]) == ("r1", "r2")  # the world's names
     assert default_mixture_rewards(["safety", "help"]) == ("help", "safety")
     assert default_mixture_rewards(["only"]) == ("only", None)
+
+
+def test_row_uniforms_do_not_depend_on_where_the_data_lives():
+    from pipelines.shifts import row_uniforms
+
+    here = row_uniforms(["/a/run1/world/data/train.parquet:row 3", "x/eval.parquet:row 0#2"], seed=1, tag="t")
+    there = row_uniforms(["/elsewhere/train.parquet:row 3", "eval.parquet:row 0#2"], seed=1, tag="t")
+    assert here.tolist() == there.tolist()
+    other_row = row_uniforms(["/elsewhere/train.parquet:row 4"], seed=1, tag="t")
+    assert other_row[0] != here[0]
