@@ -16,7 +16,6 @@ rows_out + rows_rejected, and invalid rows fail the stage (exit 2) unless `--on-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -112,10 +111,10 @@ def prepare_data(cfg: DataConfig) -> DataResult:
 
     import ray
 
-    from pipelines.ray_session import ensure_ray
+    from pipelines.ray_session import ensure_ray, preserve_order
 
     ensure_ray()
-    with _preserve_order():
+    with preserve_order():
         raw = {name: read_raw(source, files) for name, files in splits.items()}  # [2] (file, row, record)
         input_format = cfg.format if cfg.format != "auto" else _detect(raw, cfg.dataset)
         fmt = output_format(input_format)
@@ -466,20 +465,6 @@ def _fingerprint(source: Source, splits: dict[str, list[str]], cfg: DataConfig) 
     keys = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "num_actors", "batch_size")}
     h.update(json.dumps(keys, sort_keys=True, default=list).encode())
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _preserve_order() -> Iterator[None]:
-    """Deterministic row order: error lines come out in file order and outputs are reproducible."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    before = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True
-    try:
-        yield
-    finally:
-        ctx.execution_options.preserve_order = before
 
 
 def _load_tokenizer(path: str):

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -234,19 +233,6 @@ def _check_inputs(cfg: EvaluateConfig) -> tuple[list[tuple[str, str]], dict]:
     return checkpoints, manifest
 
 
-@contextlib.contextmanager
-def _preserve_order() -> Iterator[None]:
-    """Deterministic row order (the first N prompts, reproducible outputs), restored afterwards."""
-    from ray.data import DataContext
-
-    options = DataContext.get_current().execution_options
-    previous, options.preserve_order = options.preserve_order, True
-    try:
-        yield
-    finally:
-        options.preserve_order = previous
-
-
 def reward_columns(levels: Sequence[tuple[str, float, str]], with_reward: bool) -> tuple[dict, dict]:
     """Which reward each level reads: the configured one, or the world mixture at the level's alpha.
 
@@ -347,7 +333,7 @@ def evaluate(cfg: EvaluateConfig) -> pd.DataFrame:
     import ray
 
     from pipelines.eval_rewards import RewardFunction
-    from pipelines.ray_session import ensure_ray
+    from pipelines.ray_session import ensure_ray, preserve_order
 
     _START[0] = time.monotonic()
     checkpoints, manifest = _check_inputs(cfg)
@@ -367,8 +353,8 @@ def evaluate(cfg: EvaluateConfig) -> pd.DataFrame:
     ensure_ray()
     gpu = _gpu_actors(cfg)
     models = [("ref", cfg.reference)] + [(f"ckpt{i}", path) for i, (_, path) in enumerate(checkpoints)]
-    with _preserve_order():
-        ds = ray.data.read_parquet(str(schema.split_dir(cfg.data, cfg.split)))
+    with preserve_order():
+        ds = ray.data.read_parquet(schema.split_files(cfg.data, cfg.split))
         if cfg.max_pairs:
             ds = ds.limit(cfg.max_pairs)
         ds = compute_pair_logps(ds, models, cfg, gpu)

@@ -8,7 +8,9 @@ waiting, and RAY_NOTES.md 5.3 saw sweeps stall with too few slots on 2 cores.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -32,3 +34,21 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         configure_logging=True,
         logging_level="WARNING",
     )
+
+
+@contextlib.contextmanager
+def preserve_order() -> Iterator[None]:
+    """Ray Data's `preserve_order` for the datasets built inside the block, restored afterwards.
+
+    Blocks then leave each operator in input order, which keeps error lines in file order and the
+    first N rows the first N.  It is not a row-order guarantee through every operator (an actor
+    pool feeding a write has been seen to swap blocks): stages that must put values back on their
+    rows carry the row's address instead (reference.py)."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    previous, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = previous

@@ -90,11 +90,45 @@ def cache_path(cfg: ReferenceStageConfig) -> Path:
     return root.resolve() / key
 
 
-# [2] The map_batches actor -------------------------------------------------------------------------
+# [2] The read and the map_batches actor -----------------------------------------------------------
+
+POSITION_COLUMNS = ("file_index", "position")  # where a row sits: index into the file list, row in file
+
+
+def _positioned_parquet_datasource():
+    # Built lazily so `robust-dpo reference --help` does not import Ray; cloudpickle ships the class.
+    from ray.data.datasource import FileBasedDatasource
+
+    class PositionedParquet(FileBasedDatasource):
+        """The token columns of parquet files plus each row's (file_index, position).
+
+        Ray Data does not promise row order through an actor pool or a write (the reference stage
+        once came back with rows swapped under load), so every row carries its own address and the
+        stage puts values back by address instead of trusting the order they arrive in."""
+
+        def __init__(self, paths: list[str], *, columns: list[str], **kwargs):
+            super().__init__(paths, **kwargs)
+            self._index = {_local(p): i for i, p in enumerate(paths)}
+            self._columns = columns
+
+        def _read_stream(self, f, path: str):
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            index, offset = self._index[_local(path)], 0
+            for batch in pq.ParquetFile(pa.BufferReader(f.read())).iter_batches(columns=self._columns):
+                n = batch.num_rows
+                yield pa.Table.from_batches([batch]).append_column(
+                    POSITION_COLUMNS[0], pa.array([index] * n, pa.int64())
+                ).append_column(POSITION_COLUMNS[1], pa.array(range(offset, offset + n), pa.int64()))
+                offset += n
+
+    return PositionedParquet
 
 
 class ReferenceLogpsPredictor:
-    """Callable class for `map_batches`: one reference model per actor, reused for every batch."""
+    """Callable class for `map_batches`: one reference model per actor, reused for every batch.
+    Returns only the row addresses and the reference columns (the token ids stay where they are)."""
 
     def __init__(self, model_path: str, listwise: bool, batch_size: int, precision: str, attn: str) -> None:
         import torch
@@ -110,7 +144,8 @@ class ReferenceLogpsPredictor:
         self.listwise, self.batch_size, self.precision = listwise, batch_size, precision
 
     def __call__(self, frame):
-        """Args: frame: pandas batch of the dataset contract.  Returns: it plus reference columns."""
+        """Args: frame: pandas batch of token columns + POSITION_COLUMNS.
+        Returns: POSITION_COLUMNS + the reference columns."""
         import torch
 
         from pipelines import model as model_lib
@@ -130,23 +165,25 @@ class ReferenceLogpsPredictor:
             else:
                 chosen += logps[:b].tolist()
                 rejected += logps[b:].tolist()
-        frame = frame.copy()
+        out = frame[list(POSITION_COLUMNS)].copy()
         if self.listwise:
-            frame[schema.REFERENCE_LIST_COLUMN] = lists
+            out[schema.REFERENCE_LIST_COLUMN] = lists
         else:
-            frame[schema.REFERENCE_PAIR_COLUMNS[0]] = chosen
-            frame[schema.REFERENCE_PAIR_COLUMNS[1]] = rejected
-        return frame
+            out[schema.REFERENCE_PAIR_COLUMNS[0]] = chosen
+            out[schema.REFERENCE_PAIR_COLUMNS[1]] = rejected
+        return out
 
 
 # [3] The stage ---------------------------------------------------------------------------------------
 
 
 def compute_reference_dataset(cfg: ReferenceStageConfig) -> Path:
-    """Write (or reuse) the cached dataset with reference columns; return its directory."""
-    import ray
+    """Write (or reuse) the cached dataset with reference columns; return its directory.
+
+    Every source file becomes a file of the same name with the reference columns appended, rows in
+    the source order, so the cache reads exactly like its source."""
+    import pyarrow.parquet as pq
     import ray.data
-    from ray.data.expressions import col
 
     from pipelines.ray_session import ensure_ray
 
@@ -159,30 +196,30 @@ def compute_reference_dataset(cfg: ReferenceStageConfig) -> Path:
     listwise = manifest.get("format") == "listwise"
     staging = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    context = ray.data.DataContext.get_current()
-    previous, context.execution_options.preserve_order = context.execution_options.preserve_order, True
     splits = sorted(manifest["splits"])
-    files = {split: {str(f.resolve()) for f in schema.split_dir(cfg.data, split).rglob("*.parquet")} for split in splits}
-    try:
-        # [1] every split in one read, so one actor pool loads the model once for all of them
-        ds = ray.data.read_parquet(str(Path(cfg.data).resolve()), include_paths=True, file_extensions=["parquet"])
-        ds = ds.map_batches(
-            ReferenceLogpsPredictor,
-            fn_constructor_kwargs=dict(model_path=cfg.model, listwise=listwise, batch_size=cfg.batch_size,
-                                       precision=cfg.precision, attn=cfg.attn_implementation),
-            batch_size=max(cfg.batch_size, 64),
-            batch_format="pandas",
-            concurrency=cfg.concurrency,
-            num_gpus=1 if cfg.use_gpu else 0,
-            num_cpus=1,
-        ).materialize()
-        read_paths = ds.unique("path")
-        for split in splits:  # [2] back into split folders, rows in their original order
-            members = [p for p in read_paths if _local(p) in files[split]]
-            part = ds.filter(expr=col("path").is_in(members)).drop_columns(["path"])
-            part.write_parquet(str(staging / split))
-    finally:
-        context.execution_options.preserve_order = previous
+    files = [(split, f) for split in splits for f in schema.split_files(cfg.data, split)]
+    token_columns = list(schema.LIST_TOKEN_COLUMNS if listwise else schema.PAIR_TOKEN_COLUMNS)
+    # [1] every split in one read, so one actor pool loads the model once for all of them
+    ds = ray.data.read_datasource(_positioned_parquet_datasource()([f for _, f in files], columns=token_columns))
+    ds = ds.map_batches(
+        ReferenceLogpsPredictor,
+        fn_constructor_kwargs=dict(model_path=cfg.model, listwise=listwise, batch_size=cfg.batch_size,
+                                   precision=cfg.precision, attn=cfg.attn_implementation),
+        batch_size=max(cfg.batch_size, 64),
+        batch_format="pandas",
+        concurrency=cfg.concurrency,
+        num_gpus=1 if cfg.use_gpu else 0,
+        num_cpus=1,
+    )
+    # [2] values back to their rows, file by file (a few floats per row travel to the driver)
+    reference = _collect_by_file(ds, len(files))
+    for index, (split, source) in enumerate(files):
+        relative = Path(source).relative_to(schema.split_dir(cfg.data, split).resolve())
+        table = _with_reference_columns(source, reference.get(index), listwise)
+        (staging / split / relative).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, staging / split / relative)
+    for split in splits:
+        (staging / split).mkdir(parents=True, exist_ok=True)  # an empty split keeps its folder
     fields = {k: v for k, v in manifest.items() if k not in ("kind", "version")}
     fields["reference"] = {"model": cfg.model, "precision": cfg.precision, "source": str(Path(cfg.data).resolve())}
     fields["fingerprint"] = target.name
@@ -198,6 +235,44 @@ def compute_reference_dataset(cfg: ReferenceStageConfig) -> Path:
         staging.rename(target)
     print(f"[reference] wrote reference log-probs to {target}", flush=True)
     return target
+
+
+def _collect_by_file(ds, num_files: int) -> dict[int, "Any"]:
+    """file_index -> a pandas frame of that file's reference values, sorted by position."""
+    import pandas as pd
+
+    parts: dict[int, list] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        for index, part in batch.groupby(POSITION_COLUMNS[0], sort=False):
+            parts.setdefault(int(index), []).append(part)
+    unknown = sorted(set(parts) - set(range(num_files)))
+    if unknown:
+        raise RuntimeError(f"reference stage: rows came back from unknown files {unknown}")
+    return {i: pd.concat(p, ignore_index=True).sort_values(POSITION_COLUMNS[1], ignore_index=True)
+            for i, p in parts.items()}
+
+
+def _with_reference_columns(source: str, values, listwise: bool):
+    """The source file's table with the reference columns appended; every row must have exactly
+    one value (a missing or duplicated row is an error, never a silent misalignment)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(source)
+    positions = [] if values is None else values[POSITION_COLUMNS[1]].tolist()
+    if positions != list(range(table.num_rows)):
+        raise RuntimeError(f"reference stage: {source} has {table.num_rows} rows but {len(positions)} reference "
+                           "values came back for it (missing or repeated rows)")
+    if table.num_rows == 0:
+        values = {c: [] for c in _reference_columns(listwise)}
+    kind = pa.list_(pa.float64()) if listwise else pa.float64()
+    for column in _reference_columns(listwise):
+        table = table.append_column(column, pa.array(list(values[column]), type=kind))
+    return table
+
+
+def _reference_columns(listwise: bool) -> tuple[str, ...]:
+    return (schema.REFERENCE_LIST_COLUMN,) if listwise else tuple(schema.REFERENCE_PAIR_COLUMNS)
 
 
 def _local(path: str) -> str:

@@ -83,3 +83,14 @@ def split_dir(directory: str | Path, split: str) -> Path:
             f"dataset '{directory}' has no split '{split}'; it has: {', '.join(sorted(manifest['splits']))}"
         )
     return Path(directory) / split
+
+
+def split_files(directory: str | Path, split: str) -> list[str]:
+    """The parquet files of `split`, sorted by name.
+
+    Readers take this list rather than the folder: a folder is listed in the filesystem's own order
+    (hash order on some), so rows would come back in a machine-dependent order."""
+    files = sorted(str(f.resolve()) for f in split_dir(directory, split).rglob("*.parquet"))
+    if not files:
+        raise UserError(f"dataset '{directory}' split '{split}' has no parquet files")
+    return files

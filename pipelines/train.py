@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipelines import config as config_lib
+from pipelines import schema
 from pipelines import train_config as tc
 from pipelines.errors import UserError
 from pipelines.train_data import iter_eval_micro_batches, iter_global_batches, split_global_batch
@@ -291,8 +292,6 @@ def _progress_line(row: dict[str, float], total: int) -> str:
 
 
 def _read_columns(info: tc.DatasetInfo, cfg: TrainStageConfig, columns: Sequence[str]) -> list[str]:
-    from pipelines import schema
-
     if info.format == "listwise":
         wanted = list(schema.LIST_TOKEN_COLUMNS) + ["scores", "calibration", schema.REFERENCE_LIST_COLUMN]
     else:
@@ -370,12 +369,13 @@ def _build_trainer(cfg: TrainStageConfig, output_dir: Path, info: tc.DatasetInfo
     if cfg.train.use_gpu and not os.environ.get("RAY_ADDRESS") and ray.cluster_resources().get("GPU", 0) < 1:
         raise UserError("train.use_gpu=true but this Ray session has no GPU; set train.use_gpu=false")
     columns = _read_columns(info, cfg, info.columns)
-    datasets = {"train": ray.data.read_parquet(str(data_path / cfg.data.train_split)).select_columns(columns)}
+    train_files = schema.split_files(data_path, cfg.data.train_split)
+    datasets = {"train": ray.data.read_parquet(train_files).select_columns(columns)}
     if info.eval_split:
-        datasets["eval"] = ray.data.read_parquet(str(data_path / info.eval_split)).select_columns(columns)
+        datasets["eval"] = ray.data.read_parquet(schema.split_files(data_path, info.eval_split)).select_columns(columns)
     for name, ds in datasets.items():
         ds.context.enable_progress_bars = False  # workers print one line per report instead
-        ds.context.execution_options.preserve_order = True  # file order, run after run
+        ds.context.execution_options.preserve_order = True  # sorted file order, run after run
         # Tokenised ids are small: read the parquet once into the object store, so each epoch and
         # each evaluation on every worker streams blocks instead of re-launching read tasks.
         datasets[name] = ds.materialize()

@@ -224,3 +224,17 @@ def test_listwise_holdout_and_shift_on_train_only(ray_session, tiny_model_dir, t
     assert train[0]["responses_input_ids"] == [[5, EOS], [6, 7, EOS], [8, EOS]]
     assert result.manifest["format"] == "listwise"
     assert result.manifest["shifts"] == ["mixture:alpha=1,form=convex,temperature=1,sample=false"]
+
+
+def test_split_files_are_sorted_by_name_and_missing_or_empty_splits_are_named(tmp_path):
+    for split, names in {"train": ("part-00002", "part-00000", "part-00001"), "eval": ()}.items():
+        (tmp_path / split).mkdir()
+        for name in names:  # created out of order: readers must not depend on listing order
+            pq.write_table(pa.table({"row_id": [name]}), tmp_path / split / f"{name}.parquet")
+    schema.write_manifest(tmp_path, format="pairs", tokenizer="tiny", max_length=8, splits={"train": 3, "eval": 0})
+    files = schema.split_files(tmp_path, "train")
+    assert [f.rsplit("/", 1)[1] for f in files] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    with pytest.raises(UserError, match="split 'eval' has no parquet files"):
+        schema.split_files(tmp_path, "eval")
+    with pytest.raises(UserError, match="no split 'test'; it has: eval, train"):
+        schema.split_files(tmp_path, "test")

@@ -84,6 +84,7 @@ def test_listwise_reference_column_holds_one_logp_per_response(ray_session, tiny
     path = compute_reference_dataset(ReferenceStageConfig(data=str(listwise_dataset), model=str(tiny_model_dir),
                                                           output=str(tmp_path), batch_size=3))
     source, written = _read(listwise_dataset / "train"), _read(path / "train")
+    assert written["row_id"].tolist() == source["row_id"].tolist()  # order preserved
     rows = {c: source[c].tolist() for c in schema.LIST_TOKEN_COLUMNS + ("scores",)}
     model = model_lib.load_causal_lm(str(tiny_model_dir), attn_implementation="sdpa").eval()
     with torch.no_grad():
@@ -107,3 +108,33 @@ def test_model_fingerprint_follows_the_weights(tmp_path, tiny_model_dir):
     other = save_tiny_model_and_tokenizer(tmp_path / "other", [f"w{i}" for i in range(40)], seed=1)
     assert model_fingerprint(tiny_model_dir) == model_fingerprint(tiny_model_dir)
     assert model_fingerprint(other) != model_fingerprint(tiny_model_dir)
+
+
+def test_reference_values_go_back_by_address_and_a_missing_row_is_an_error(tmp_path):
+    """Values arrive in any order; each lands on the row its (file, position) names, and a file whose
+    rows did not all come back is refused instead of being misaligned."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.reference import _collect_by_file, _with_reference_columns
+
+    class Arrivals:  # what iter_batches yields when blocks come back swapped and interleaved
+        def iter_batches(self, **_):
+            yield pd.DataFrame({"file_index": [1, 0], "position": [0, 2],
+                                "reference_chosen_logps": [-9.0, -3.0], "reference_rejected_logps": [-90.0, -30.0]})
+            yield pd.DataFrame({"file_index": [0, 0], "position": [0, 1],
+                                "reference_chosen_logps": [-1.0, -2.0], "reference_rejected_logps": [-10.0, -20.0]})
+
+    source = tmp_path / "part.parquet"
+    pq.write_table(pa.table({"row_id": ["a", "b", "c"]}), source)
+    by_file = _collect_by_file(Arrivals(), num_files=2)
+    assert by_file[1]["reference_chosen_logps"].tolist() == [-9.0]
+    arrived = by_file[0]
+    table = _with_reference_columns(str(source), arrived, listwise=False)
+    assert table.column("row_id").to_pylist() == ["a", "b", "c"]
+    assert table.column("reference_chosen_logps").to_pylist() == [-1.0, -2.0, -3.0]
+    assert table.column("reference_rejected_logps").to_pylist() == [-10.0, -20.0, -30.0]
+    with pytest.raises(RuntimeError, match="has 3 rows but 2 reference values"):
+        _with_reference_columns(str(source), arrived.iloc[:2], listwise=False)
+    with pytest.raises(RuntimeError, match="has 3 rows but 0 reference values"):
+        _with_reference_columns(str(source), None, listwise=False)
