@@ -171,11 +171,7 @@ class RewardFunction:
                     f"reward '{self.spec.kind}:{self.spec.target}' cannot score the mixture shift: the mixture "
                     "alpha r1 + (1 - alpha) r2 is the world's; pass --reward world:DIR"
                 )
-            from pipelines.shifts import mixture_reward
-
-            first, second = components if components and components[0] else self.world.spec["mixture"]["rewards"]
-            values = mixture_reward(self.world.reward(first, prompts, responses),
-                                    self.world.reward(second, prompts, responses), float(alpha), form)
+            values = self.world.mixture_reward(float(alpha), prompts, responses, form, components=components)
         elif self.world is not None:
             if self.spec.name:
                 values = self.world.reward(self.spec.name, prompts, responses)

@@ -18,8 +18,6 @@ Keys: `synth.*` (the world), `run.*` (below), `search.*` and `trial_eval.*` (the
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,16 +74,14 @@ def _step(label: str, started: float) -> None:
 def _world(cfg: RunStageConfig, world_dir: Path, started: float) -> None:
     from pipelines import synthetic
 
-    record = world_dir / "run_world.json"
-    wanted = json.dumps(dataclasses.asdict(cfg.synth), sort_keys=True)
-    if record.is_file() and record.read_text() == wanted and (world_dir / "world.json").is_file():
+    matches = synthetic.world_matches(world_dir, cfg.synth)
+    if matches:
         _step("[1/5] world: already generated", started)
         return
-    if world_dir.exists() and record.is_file():
+    if matches is False:
         raise UserError(f"{world_dir} holds a world made with other synth.* keys; use another --output")
     _step("[1/5] world: generating", started)
     synthetic.generate_world(cfg.synth, world_dir, log=lambda m: print(f"[run]   {m}", flush=True))
-    record.write_text(wanted)
 
 
 def _data(world_dir: Path, data_dir: Path, started: float) -> None:

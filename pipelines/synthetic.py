@@ -406,16 +406,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def world_matches(output_dir: str | Path, wc: WorldConfig) -> bool | None:
+    """None when `output_dir` holds no world; else whether its world.json was made with `wc`."""
+    existing = Path(output_dir) / WORLD_FILE
+    if not existing.is_file():
+        return None
+    try:
+        old = json.loads(existing.read_text()).get("config")
+    except json.JSONDecodeError:
+        return False
+    return old == json.loads(json.dumps(asdict(wc)))
+
+
 def main(args: argparse.Namespace) -> int:
     cfg = load(SynthConfig, args.config, args.overrides)
     out = Path(args.output)
-    existing = out / WORLD_FILE
-    if existing.is_file() and not args.force:
-        try:
-            old = json.loads(existing.read_text()).get("config")
-        except json.JSONDecodeError:
-            old = None
-        if old == json.loads(json.dumps(asdict(cfg.synth))):
+    matches = world_matches(out, cfg.synth)
+    if matches is not None and not args.force:
+        if matches:
             print(
                 f"world already generated in {out} with the same settings; reusing it (--force regenerates)"
             )

@@ -198,6 +198,7 @@ class World:
         prompts: Sequence[str],
         responses: Sequence[str],
         form: str = "convex",
+        components: tuple[str | None, str | None] | None = None,
     ) -> np.ndarray:
         """r(alpha) of the WDPO paper: convex alpha*r1 + (1-alpha)*r2 or geometric r1^alpha * r2^(1-alpha).
 
@@ -205,6 +206,7 @@ class World:
             alpha: a scalar in [0, 1], or (N,) per-row alphas (e.g. each prompt's group alpha).
             prompts, responses: N texts each.
             form: "convex" or "geometric".
+            components: the two rewards (r1, r2) to mix; None = the world's mixture components.
         Returns:
             (N,) float64.
         """
@@ -213,11 +215,11 @@ class World:
         alpha = np.asarray(alpha, dtype=float)
         if not np.all((alpha >= 0.0) & (alpha <= 1.0)):
             raise UserError(f"mixture alpha must be in [0, 1], got {alpha}")
-        first, second = self.spec["mixture"]["rewards"]
+        from pipelines.shifts import mixture_reward
+
+        first, second = components if components and components[0] else self.spec["mixture"]["rewards"]
         r1, r2 = self.reward(first, prompts, responses), self.reward(second, prompts, responses)
-        if form == "convex":
-            return alpha * r1 + (1.0 - alpha) * r2
-        return np.exp(alpha * np.log(r1) + (1.0 - alpha) * np.log(r2))
+        return mixture_reward(r1, r2, alpha, form)
 
     # ---- groups --------------------------------------------------------------------------------
     def group_of(self, prompts: Sequence[str]) -> np.ndarray:

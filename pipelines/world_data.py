@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.world import World
+from pipelines.world import World, _sigmoid
 
 REWARD_COLUMNS_OF = ("r1", "r2", "r3", "verbosity", "length")
 PAIR_COLUMNS = (
@@ -30,10 +30,6 @@ PAIR_COLUMNS = (
 _TIE = 1e-12  # labelling-score gap below which a pair is redrawn (no pair without a strict preference)
 
 
-def _sigmoid(z):
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=float)))
-
-
 def labelling_scores(
     world: World, prompts, responses, alpha: np.ndarray, sources, judge_bias: float
 ) -> np.ndarray:
@@ -41,9 +37,8 @@ def labelling_scores(
 
     The judge term is OBJECTIVES.md 8.3's biased proxy: the synthetic source's judge likes verbosity.
     """
-    r1, r2 = world.reward("r1", prompts, responses), world.reward("r2", prompts, responses)
     bias = judge_bias * (np.asarray(sources) == "synthetic") * world.reward("verbosity", prompts, responses)
-    return alpha * r1 + (1.0 - alpha) * r2 + bias
+    return world.mixture_reward(alpha, prompts, responses) + bias
 
 
 def build_pairs(
