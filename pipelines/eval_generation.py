@@ -158,18 +158,12 @@ def collate_prompt_response(
         input_ids: (N, T); attention_mask: (N, T); labels: (N, T) with IGNORE_INDEX on prompt and
         padding, the response ids elsewhere (compute_sequence_logps shifts them).
     """
-    rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        if len(p) == 0:
-            raise ValueError("every prompt needs at least one token to condition on")
-        input_ids[i, : len(p) + len(r)] = torch.as_tensor(list(p) + list(r), dtype=torch.long)
-        attention[i, : len(p) + len(r)] = 1
-        labels[i, len(p): len(p) + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-    return input_ids, attention, labels
+    from pipelines.model import pad_rows
+
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token to condition on")
+    batch = pad_rows([(list(p) + list(r), len(p)) for p, r in zip(prompts, responses)], pad_token_id)
+    return batch["input_ids"], batch["attention_mask"], batch["labels"]
 
 
 @torch.no_grad()
@@ -177,7 +171,8 @@ def response_logps(model, prompts: Sequence[Sequence[int]], responses: Sequence[
     """(N,) float64 summed log model(response | prompt), teacher-forced, fp32 log-softmax."""
     device = next(model.parameters()).device
     input_ids, attention, labels = collate_prompt_response(prompts, responses, pad_token_id)
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+    # No KV cache: a teacher-forced pass never reuses it.
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
     logps, _ = compute_sequence_logps(logits, labels.to(device))
     return logps.double().cpu().numpy()
 

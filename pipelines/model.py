@@ -33,7 +33,7 @@ def _as_ids(value: Any) -> list[int]:
     return [int(t) for t in value]
 
 
-def _pad_rows(sequences: Sequence[tuple[list[int], int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def pad_rows(sequences: Sequence[tuple[list[int], int]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad `(ids, prompt_length)` rows into input_ids / attention_mask / labels of shape (N, L)."""
     length = max(len(ids) for ids, _ in sequences)
     n = len(sequences)
@@ -73,7 +73,7 @@ def collate_pairs(rows: Mapping[str, Sequence[Any]], pad_token_id: int) -> dict[
     rejected = [_as_ids(r) for r in rows["rejected_input_ids"]]
     sequences = [(p + c, len(p)) for p, c in zip(prompts, chosen)]
     sequences += [(p + r, len(p)) for p, r in zip(prompts, rejected)]
-    batch: dict[str, Any] = _pad_rows(sequences, pad_token_id)
+    batch: dict[str, Any] = pad_rows(sequences, pad_token_id)
     batch["num_pairs"] = len(prompts)
     batch["chosen_lengths"] = torch.tensor([len(c) for c in chosen], dtype=torch.long)
     batch["rejected_lengths"] = torch.tensor([len(r) for r in rejected], dtype=torch.long)
@@ -105,7 +105,7 @@ def collate_lists(rows: Mapping[str, Sequence[Any]], pad_token_id: int) -> dict[
     if len(sizes) != 1:
         raise ValueError(f"listwise batch mixes list sizes {sorted(sizes)}; every row needs the same K")
     sequences = [(p + r, len(p)) for p, group in zip(prompts, responses) for r in group]
-    batch: dict[str, Any] = _pad_rows(sequences, pad_token_id)
+    batch: dict[str, Any] = pad_rows(sequences, pad_token_id)
     batch["num_pairs"] = len(prompts)
     batch["list_size"] = sizes.pop()
     batch["scores"] = _optional_float(rows, "scores")

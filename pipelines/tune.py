@@ -154,35 +154,35 @@ def check_tune_config(cfg: TuneStageConfig) -> None:
 
 
 def score_policy(policy_path: str, reference_path: str, data_path: str, trial_eval: dict) -> dict[str, float]:
-    """Mean reward and mean sequence KL(policy || reference) of samples on the eval prompts."""
+    """Mean reward and mean sequence KL(policy || reference) of samples on the eval prompts.
+
+    Sampling, decoding and scoring are the evaluate stage's `SampleResponses`, so a trial's numbers
+    are computed exactly as `robust-dpo evaluate` computes them.
+    """
     import numpy as np
-    from transformers import AutoTokenizer
+    import torch
 
     from pipelines import schema
-    from pipelines.eval_generation import sample_uniforms, sample_with_kl
-    from pipelines.eval_rewards import RewardFunction
-    from pipelines.eval_generation import load_model
-    from pipelines.model import pad_token_id_of
+    from pipelines.eval_generation import SampleResponses
 
     te = TrialEvalConfig(**trial_eval)
     manifest = schema.read_manifest(data_path)
     split = "eval" if "eval" in manifest["splits"] else "train"
     table = pd.read_parquet(schema.split_dir(data_path, split), columns=["prompt", "prompt_input_ids"])
     table = table.drop_duplicates("prompt").head(te.num_prompts)
-    policy, reference = load_model(policy_path), load_model(reference_path)
-    tokenizer = AutoTokenizer.from_pretrained(policy_path if Path(policy_path, "tokenizer_config.json").exists()
-                                              else reference_path)
+    tokenizer = policy_path if Path(policy_path, "tokenizer_config.json").exists() else reference_path
+    sampler = SampleResponses(policies=[policy_path], reference_path=reference_path, tokenizer_path=tokenizer,
+                              max_new_tokens=te.max_new_tokens, seed=te.seed, use_gpu=torch.cuda.is_available(),
+                              reward=te.reward, reward_keys={"reward": None})
     n = te.samples_per_prompt
-    prompts = [list(map(int, ids)) for ids in table["prompt_input_ids"] for _ in range(n)]
-    texts = [p for p in table["prompt"] for _ in range(n)]
-    prompt_index = np.repeat(np.arange(len(table)), n)
-    uniforms = sample_uniforms(te.seed, prompt_index, np.tile(np.arange(n), len(table)), te.max_new_tokens)
-    out = sample_with_kl(policy, reference, prompts, uniforms, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=pad_token_id_of(reference))
-    responses = [tokenizer.decode([int(t) for t in r if t != tokenizer.eos_token_id], skip_special_tokens=True)
-                 for r in out["response_ids"]]
-    rewards = RewardFunction(te.reward).score(texts, responses)
-    return {"reward": float(np.mean(rewards)), "kl": float(np.mean(out["kl"])),
+    prompt_ids = np.empty(len(table) * n, dtype=object)
+    prompt_ids[:] = [list(map(int, ids)) for ids in table["prompt_input_ids"] for _ in range(n)]
+    out = sampler({"model_index": np.zeros(len(table) * n, dtype=np.int64),
+                   "prompt_index": np.repeat(np.arange(len(table)), n),
+                   "sample_index": np.tile(np.arange(n), len(table)),
+                   "prompt": np.asarray([p for p in table["prompt"] for _ in range(n)], dtype=object),
+                   "prompt_input_ids": prompt_ids})
+    return {"reward": float(np.mean(out["reward"])), "kl": float(np.mean(out["kl"])),
             "kl_mc": float(np.mean(out["kl_mc"])), "response_length": float(np.mean(out["length"]))}
 
 
