@@ -35,6 +35,8 @@ from pipelines.formats import (
 )
 
 MAX_ERROR_LINES = 20
+ROWS_PER_FILE = 50_000  # rows per written parquet file
+ORDER_COLUMNS = ("_file_index", "_row")  # carried from the read to the write, then dropped
 # A folder's files become splits named by the first word of their stem (train-00000-of-00001.parquet
 # -> train), when every file is so named; otherwise everything is "train".
 SPLIT_WORDS = ("train", "eval", "test", "validation")
@@ -139,7 +141,8 @@ def prepare_data(cfg: DataConfig) -> DataResult:
             )
         extra_columns = _merge_extra_columns(summary, fmt)
         valid = {name: ds.map_batches(_finalize_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
-                                      fn_kwargs={"extra_columns": extra_columns, "fmt": fmt})
+                                      fn_kwargs={"extra_columns": extra_columns, "fmt": fmt,
+                                                 "file_order": {source.display[f]: i for i, f in enumerate(splits[name])}})
                  for name, ds in prepared.items()}
         if cfg.eval_fraction > 0:  # [5] seeded holdout
             valid = _hold_out(valid["train"], cfg.eval_fraction, cfg.seed)
@@ -412,8 +415,9 @@ def _merge_extra_columns(summary: dict[str, dict], fmt: str) -> dict[str, str]:
     return kinds
 
 
-def _finalize_batch(table, *, extra_columns: dict[str, str], fmt: str):
-    """Keep valid rows; expand the validated `extras` JSON into typed pass-through columns."""
+def _finalize_batch(table, *, extra_columns: dict[str, str], fmt: str, file_order: dict[str, int]):
+    """Keep valid rows; expand the validated `extras` JSON into typed pass-through columns; add each
+    row's ORDER_COLUMNS (its file's index in the split, its row in the file) for the write."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -423,6 +427,8 @@ def _finalize_batch(table, *, extra_columns: dict[str, str], fmt: str):
     columns = {name: table.column(name) for name in ["row_id", *output_columns(fmt)]}
     for name, kind in extra_columns.items():
         columns[name] = pa.array([e.get(name) for e in extras], type=types[kind])
+    columns[ORDER_COLUMNS[0]] = pa.array([file_order[f] for f in table.column("file").to_pylist()], pa.int64())
+    columns[ORDER_COLUMNS[1]] = table.column("row")
     return pa.table(columns)
 
 
@@ -440,13 +446,31 @@ def _hold_out(ds, fraction: float, seed: int) -> dict:
 
 
 def _write_split(ds, directory: Path) -> int:
+    """Write the split's rows in source order (file, row, then row_id for resampled copies) as
+    part-NNNNN.parquet files of at most ROWS_PER_FILE rows; return the number of rows.
+
+    Ray Data does not keep row order through actor pools and writes even with preserve_order, and
+    the train stage's step s is a function of row order, so the order is made explicit: a sort on
+    ORDER_COLUMNS, then the driver streams the sorted batches to disk (checking the order as it goes)."""
     import pyarrow.parquet as pq
 
     if directory.exists():
         shutil.rmtree(directory)  # a rerun replaces the split instead of mixing old and new files
-    ds.write_parquet(str(directory))
-    directory.mkdir(parents=True, exist_ok=True)  # an empty split still gets its folder
-    return sum(pq.read_metadata(p).num_rows for p in sorted(directory.glob("*.parquet")))
+    directory.mkdir(parents=True)  # an empty split still gets its folder
+    ds = ds.materialize()
+    if ds.count() == 0:
+        return 0
+    keys, last, rows = [*ORDER_COLUMNS, "row_id"], None, 0
+    batches = ds.sort(keys).iter_batches(batch_size=ROWS_PER_FILE, batch_format="pyarrow")
+    for index, batch in enumerate(batches):
+        order = list(zip(*(batch.column(k).to_pylist() for k in keys)))
+        for a, b in zip([last] + order, order):
+            if a is not None and b < a:
+                raise RuntimeError(f"data stage: sorted rows came back out of order: {b} after {a}")
+        last = order[-1]
+        pq.write_table(batch.drop_columns(list(ORDER_COLUMNS)), directory / f"part-{index:05d}.parquet")
+        rows += batch.num_rows
+    return rows
 
 
 def _fingerprint(source: Source, splits: dict[str, list[str]], cfg: DataConfig) -> str:

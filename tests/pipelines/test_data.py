@@ -238,3 +238,28 @@ def test_split_files_are_sorted_by_name_and_missing_or_empty_splits_are_named(tm
         schema.split_files(tmp_path, "eval")
     with pytest.raises(UserError, match="no split 'test'; it has: eval, train"):
         schema.split_files(tmp_path, "test")
+
+
+@pytest.mark.ray
+def test_written_rows_keep_source_order_across_files_actors_and_resampling(ray_session, tiny_model_dir, tmp_path):
+    """Two input files, two tokenizer actors, tiny batches and a Poisson resampling shift: the written
+    split lists file 0's rows, then file 1's, each in row order, copies right after their original."""
+    (tmp_path / "d").mkdir()
+    for k in range(2):
+        write_jsonl(tmp_path / "d" / f"train-{k}.jsonl",
+                    [{"prompt": f"w{i % 7}", "chosen": "w1", "rejected": "w2", "group": f"g{i % 2}"}
+                     for i in range(30)])
+    cfg = DataConfig(dataset=str(tmp_path / "d"), tokenizer=str(tiny_model_dir), output=str(tmp_path / "o"),
+                     batch_size=4, num_actors=2, shifts=("group_weights:g0=1.5,g1=0.5,sampling=poisson",))
+    result = prepare_data(cfg)
+    written = pq.read_table(result.output / "train").column("row_id").to_pylist()
+    assert not any(c.startswith("_") for c in pq.read_table(result.output / "train").column_names)
+
+    def address(rid):  # "train-K.jsonl:row I#C" -> (K, I, C)
+        name, rest = rid.rsplit(":row ", 1)
+        row, _, copy = rest.partition("#")
+        return int(name[-7]), int(row), int(copy or 0)
+
+    keys = [address(r) for r in written]
+    assert keys == sorted(keys) and {k[0] for k in keys} == {0, 1}
+    assert any(k[2] > 0 for k in keys) and result.splits["train"] == len(written)
