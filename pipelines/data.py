@@ -427,7 +427,10 @@ def _finalize_batch(table, *, extra_columns: dict[str, str], fmt: str, file_orde
     columns = {name: table.column(name) for name in ["row_id", *output_columns(fmt)]}
     for name, kind in extra_columns.items():
         columns[name] = pa.array([e.get(name) for e in extras], type=types[kind])
-    columns[ORDER_COLUMNS[0]] = pa.array([file_order[f] for f in table.column("file").to_pylist()], pa.int64())
+    # a file name the read reported differently (remote filesystems) sorts last, then by row and row_id
+    last = len(file_order)
+    columns[ORDER_COLUMNS[0]] = pa.array([file_order.get(f, last) for f in table.column("file").to_pylist()],
+                                         pa.int64())
     columns[ORDER_COLUMNS[1]] = table.column("row")
     return pa.table(columns)
 
