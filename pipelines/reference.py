@@ -213,8 +213,9 @@ def compute_reference_dataset(cfg: ReferenceStageConfig) -> Path:
     )
     # [2] values back to their rows, file by file (a few floats per row travel to the driver)
     reference = _collect_by_file(ds, len(files))
+    roots = {split: schema.split_dir(cfg.data, split).resolve() for split in splits}
     for index, (split, source) in enumerate(files):
-        relative = Path(source).relative_to(schema.split_dir(cfg.data, split).resolve())
+        relative = Path(source).relative_to(roots[split])
         table = _with_reference_columns(source, reference.get(index), listwise)
         (staging / split / relative).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, staging / split / relative)
