@@ -1,6 +1,6 @@
 """The two sides of the throughput benchmark: TRL's DPOTrainer and our worker's training step.
 
-Ours is `pipelines.train_step.train_step` fed exactly as `pipelines.train.train_fn_per_worker`
+Ours is `pipelines.train.step.train_step` fed exactly as `pipelines.train.loop.train_fn_per_worker`
 feeds it on one worker: the typed TrainStageConfig, the same StepContext, torch AdamW, the
 worker's LR schedule, `split_global_batch` -> `collate_pairs` -> `move_batch` per micro-batch.
 Only Ray Data's iterator is replaced by in-memory rows of the same (numpy) batch format.
@@ -73,7 +73,7 @@ def parse_contender(text: str) -> ContenderSpec:
         raise ValueError(f"contender {text!r}: objective must be a pairwise one of {', '.join(pairwise)}")
     spec = ContenderSpec(side="ours", objective=parts[1], reference="precomputed" if len(parts) == 3 else "live")
     from pipelines.errors import UserError
-    from pipelines.train_config import build_train_config
+    from pipelines.train.config import build_train_config
 
     try:  # the train stage's own checks (e.g. token-level objectives need a live reference)
         build_train_config({"model": {"path": IN_MEMORY}, "data": {"path": IN_MEMORY},
@@ -161,7 +161,7 @@ class Contender:
 
 def build_ours_config(spec: ContenderSpec, setup: BenchSetup):
     """The TrainStageConfig a user would write for this run (validated like the CLI's)."""
-    from pipelines.train_config import build_train_config
+    from pipelines.train.config import build_train_config
 
     return build_train_config({
         "model": {"path": IN_MEMORY},
@@ -176,7 +176,7 @@ def build_ours_config(spec: ContenderSpec, setup: BenchSetup):
 
 def build_step_context(cfg, *, rank: int = 0, world_size: int = 1):
     """StepContext exactly as `train_fn_per_worker` builds it."""
-    from pipelines.train import build_step_context as build
+    from pipelines.train.loop import build_step_context as build
 
     return build(cfg, rank=rank, world_size=world_size)
 
@@ -204,8 +204,8 @@ class OursContender(Contender):
     def __init__(self, spec: ContenderSpec, setup: BenchSetup) -> None:
         super().__init__(spec, setup)
         from pipelines import model as model_lib
-        from pipelines import train as train_lib
-        from pipelines import train_config as tc
+        from pipelines.train import loop as train_lib
+        from pipelines.train import config as tc
 
         self.cfg = cfg = build_ours_config(spec, setup)
         attn = tc.attention_implementation(cfg)
@@ -242,8 +242,8 @@ class OursContender(Contender):
         if self.error is not None:
             return
         from pipelines import model as model_lib
-        from pipelines import train as train_lib
-        from pipelines import train_step as step_lib
+        from pipelines.train import loop as train_lib
+        from pipelines.train import step as step_lib
 
         start, stop = self.setup.step_rows(index)
         rows = self.setup.pairs.rows(start, stop)

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 import torch
 
-from pipelines import toy_models
+from pipelines.world import toy_models
 
 SPECIALS = len(toy_models.SPECIAL_TOKENS)  # <pad>=0, <unk>=1, <bos>=2, <eos>=3; words start here
 GIB = float(1 << 30)

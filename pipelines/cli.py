@@ -15,7 +15,7 @@ from pipelines.errors import UserError
 
 # name -> (module, one-line help).  The single list of subcommands.
 STAGES: dict[str, tuple[str, str]] = {
-    "synth": ("pipelines.synthetic", "generate the embedded known-reward world (tokenizer, model, data)"),
+    "synth": ("pipelines.world", "generate the embedded known-reward world (tokenizer, model, data)"),
     "data": ("pipelines.data", "ingest, validate, shift and tokenise a preference dataset with Ray Data"),
     "reference": ("pipelines.reference", "precompute reference log-probs as dataset columns (cached)"),
     "train": ("pipelines.train", "train one objective with Ray Train's TorchTrainer"),

@@ -282,7 +282,7 @@ def _local(path: str) -> str:
 
 def precompute_reference(train_cfg: Any, info: Any) -> Path:
     """The train stage's entry (reference.mode=precomputed): same model, precision and attention."""
-    from pipelines import train_config as tc
+    from pipelines.train import config as tc
 
     cfg = ReferenceStageConfig(
         data=str(train_cfg.data.path), model=train_cfg.model.path, output=train_cfg.reference.cache_dir,

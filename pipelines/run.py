@@ -45,7 +45,7 @@ class RunSection:
 @dataclass(frozen=True, kw_only=True)
 class RunStageConfig:
     output: str  # required: run directory
-    synth: Any = None  # the world's keys (pipelines.synthetic.WorldConfig), strict
+    synth: Any = None  # the world's keys (pipelines.world.WorldConfig), strict
     run: RunSection = field(default_factory=RunSection)
     search: dict = field(default_factory=dict)  # pipelines.tune.SearchConfig keys
     trial_eval: dict = field(default_factory=dict)  # pipelines.tune.TrialEvalConfig keys
@@ -54,7 +54,7 @@ class RunStageConfig:
 
 
 def load_run_config(path: str | None, overrides: Sequence[str], output: str) -> RunStageConfig:
-    from pipelines.synthetic import WorldConfig
+    from pipelines.world import WorldConfig
 
     values = config_lib.load_yaml(path) if path else {}
     values = config_lib.deep_merge(values, config_lib.parse_overrides(overrides))
@@ -72,16 +72,16 @@ def _step(label: str, started: float) -> None:
 
 
 def _world(cfg: RunStageConfig, world_dir: Path, started: float) -> None:
-    from pipelines import synthetic
+    from pipelines import world as world_lib
 
-    matches = synthetic.world_matches(world_dir, cfg.synth)
+    matches = world_lib.world_matches(world_dir, cfg.synth)
     if matches:
         _step("[1/5] world: already generated", started)
         return
     if matches is False:
         raise UserError(f"{world_dir} holds a world made with other synth.* keys; use another --output")
     _step("[1/5] world: generating", started)
-    synthetic.generate_world(cfg.synth, world_dir, log=lambda m: print(f"[run]   {m}", flush=True))
+    world_lib.generate_world(cfg.synth, world_dir, log=lambda m: print(f"[run]   {m}", flush=True))
 
 
 def _data(world_dir: Path, data_dir: Path, started: float) -> None:

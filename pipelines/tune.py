@@ -94,7 +94,7 @@ def trial_name(objective: dict[str, Any]) -> str:
 
 def trial_train_config(cfg: TuneStageConfig, objective: dict[str, Any], output_dir: Path):
     """The TrainStageConfig of one trial: base values <- the trial's objective section."""
-    from pipelines.train_config import build_train_config
+    from pipelines.train.config import build_train_config
 
     values = config_lib.deep_merge(cfg.base, {"objective": objective, "output": str(output_dir)})
     values["objective"] = {**cfg.base.get("objective", {}), **objective}
@@ -135,13 +135,13 @@ def check_tune_config(cfg: TuneStageConfig) -> None:
             raise UserError(f"config key 'trial_eval.{key}' must be >= 1")
     if cfg.search.num_samples < 1:
         raise UserError("config key 'search.num_samples' must be >= 1")
-    from pipelines.eval_rewards import RewardFunction
+    from pipelines.evaluate.rewards import RewardFunction
 
     RewardFunction(cfg.trial_eval.reward)  # loads / imports now: a bad spec fails before any trial
     sections = grid_sections(cfg) if cfg.search.search == "grid" else []
     first = {"name": cfg.search.objectives[0]}
     train_cfg = trial_train_config(cfg, first, Path(cfg.output) / TRIALS_DIR / "check")
-    from pipelines import train_config as tc
+    from pipelines.train import config as tc
 
     tc.check_train_config(train_cfg)
     tc.inspect_dataset(train_cfg)
@@ -163,7 +163,7 @@ def score_policy(policy_path: str, reference_path: str, data_path: str, trial_ev
     import torch
 
     from pipelines import schema
-    from pipelines.eval_generation import SampleResponses
+    from pipelines.evaluate.generation import SampleResponses
 
     te = TrialEvalConfig(**trial_eval)
     manifest = schema.read_manifest(data_path)

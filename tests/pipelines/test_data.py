@@ -212,7 +212,7 @@ def test_listwise_holdout_and_shift_on_train_only(ray_session, tiny_model_dir, t
     cfg = DataConfig(dataset=str(f), tokenizer=str(tiny_model_dir), output=str(tmp_path / "o"), eval_fraction=0.25,
                      seed=7, shifts=("mixture:alpha=1",))
     result = prepare_data(cfg)
-    from pipelines.shifts import row_uniforms
+    from pipelines.data.shifts import row_uniforms
 
     ids = [f"{f}:row {i}" for i in range(40)]
     held = {rid for rid, u in zip(ids, row_uniforms(ids, 7, "eval_holdout")) if u < 0.25}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.eval_generation import (
+from pipelines.evaluate.generation import (
     collate_prompt_response,
     exact_token_kl,
     response_logps,
@@ -16,7 +16,7 @@ from pipelines.eval_generation import (
     sample_with_kl,
     teacher_forced_kl,
 )
-from pipelines.toy_models import build_tiny_causal_lm
+from pipelines.world.toy_models import build_tiny_causal_lm
 
 VOCAB, EOS, PAD, MAX_NEW = 4, 3, 0, 3
 

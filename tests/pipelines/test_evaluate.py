@@ -22,7 +22,7 @@ from pipelines.evaluate import (
     parse_checkpoints,
     weighted_prompt_metrics,
 )
-from pipelines.eval_rewards import RewardFunction, parse_reward_spec
+from pipelines.evaluate.rewards import RewardFunction, parse_reward_spec
 
 
 def test_pair_metrics_by_hand():
@@ -69,12 +69,12 @@ def test_reward_specs(tmp_path, tiny_model_dir):
     assert parse_reward_spec(str(tiny_model_dir)).kind == "hf"
     with pytest.raises(UserError, match="is not world:DIR"):
         parse_reward_spec("nonsense here")
-    fn = RewardFunction("pipelines.eval_rewards:word_count")
+    fn = RewardFunction("pipelines.evaluate.rewards:word_count")
     assert fn.score(["p", "q"], ["a b c", ""]).tolist() == [3.0, 0.0]
     with pytest.raises(UserError, match="cannot score the mixture shift"):
         fn.score(["p"], ["a"], alpha=0.5)
     with pytest.raises(UserError, match="has no function 'nope'"):
-        RewardFunction("pipelines.eval_rewards:nope")
+        RewardFunction("pipelines.evaluate.rewards:nope")
 
 
 def test_hf_reward_model(tmp_path, tiny_model_dir):
@@ -109,9 +109,9 @@ def tiny_world(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.synthetic import WorldConfig, draw_world_spec
-    from pipelines.toy_models import save_tiny_model_and_tokenizer
-    from pipelines.world import World
+    from pipelines.world import WorldConfig, draw_world_spec
+    from pipelines.world.toy_models import save_tiny_model_and_tokenizer
+    from pipelines.world.functions import World
 
     root = tmp_path_factory.mktemp("eval_world")
     spec = draw_world_spec(WorldConfig(seed=3, n_topic_words=4, n_content_words=8, n_filler_words=2,
@@ -154,7 +154,7 @@ def tiny_world(tmp_path_factory):
 def test_evaluate_tiny_checkpoint_matches_direct_computation(ray_session, tiny_world, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pipelines.eval_generation import response_logps
+    from pipelines.evaluate.generation import response_logps
 
     w = tiny_world
     cfg = EvaluateConfig(

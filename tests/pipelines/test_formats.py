@@ -1,4 +1,4 @@
-"""Formats, validation and tokenisation, row by row, without Ray (pipelines/formats.py).
+"""Formats, validation and tokenisation, row by row, without Ray (pipelines/data/formats.py).
 
 The tiny word tokenizer's ids: <pad>=0 <unk>=1 <bos>=2 <eos>=3, then w0..w39 = 4..43, so "wK" is K+4.
 """
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.formats import (
+from pipelines.data.formats import (
     RowError, detect_format, iter_file_records, normalize_record, prepare_rows, prepared_schema, render_plain,
 )
 
@@ -123,7 +123,7 @@ def test_chat_plain_rendering_extracts_the_shared_prompt():
 
 
 def test_chat_uses_the_tokenizer_chat_template(tiny_model_dir):
-    from pipelines.toy_models import build_word_tokenizer
+    from pipelines.world.toy_models import build_word_tokenizer
 
     template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
                 "{% if add_generation_prompt %}assistant {% endif %}")

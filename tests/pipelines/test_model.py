@@ -122,7 +122,7 @@ def test_embedding_path_matches_ids_and_supports_exact_double_backward(tiny_mode
 
 
 def test_wdpo_gets_eager_attention_by_default():
-    from pipelines.train_config import attention_implementation, build_train_config
+    from pipelines.train.config import attention_implementation, build_train_config
 
     cfg = build_train_config({"model": {"path": "m"}, "data": {"path": "d"}, "objective": {"name": "wdpo"}})
     assert attention_implementation(cfg) == "eager"
@@ -136,7 +136,7 @@ def test_lora_reference_is_the_adapter_disabled_base(tiny_model_dir):
     separate frozen full copy of the base as the reference."""
     import robust_objectives as ro
 
-    from pipelines.train_step import StepContext, compute_objective, train_step
+    from pipelines.train.step import StepContext, compute_objective, train_step
 
     path = str(tiny_model_dir)
     base = model_lib.load_causal_lm(path, attn_implementation="sdpa").eval().requires_grad_(False)

@@ -53,7 +53,7 @@ def test_precomputed_reference_gives_the_live_loss(cached, tiny_model_dir):
     frozen reference: same losses, gradient norms and parameters."""
     import robust_objectives as ro
 
-    from pipelines.train_step import StepContext, train_step
+    from pipelines.train.step import StepContext, train_step
 
     frame = _read(cached[1] / "train").iloc[:8]
     columns = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
@@ -103,7 +103,7 @@ def test_reference_cli_prints_the_cache_path_and_rejects_bad_input(cached, tiny_
 
 
 def test_model_fingerprint_follows_the_weights(tmp_path, tiny_model_dir):
-    from pipelines.toy_models import save_tiny_model_and_tokenizer
+    from pipelines.world.toy_models import save_tiny_model_and_tokenizer
 
     other = save_tiny_model_and_tokenizer(tmp_path / "other", [f"w{i}" for i in range(40)], seed=1)
     assert model_fingerprint(tiny_model_dir) == model_fingerprint(tiny_model_dir)

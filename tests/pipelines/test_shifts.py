@@ -1,4 +1,4 @@
-"""Shift specs and the seeded per-batch transforms (pipelines/shifts.py), mostly without Ray."""
+"""Shift specs and the seeded per-batch transforms (pipelines/data/shifts.py), mostly without Ray."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines.errors import UserError
-from pipelines.shifts import (
+from pipelines.data.shifts import (
     apply_shifts, expand_grid, flip_labels, group_rates, length_tilt, mixture_reward, parse_shift,
     relabel_by_mixture, resample_by_key, resample_by_length, response_lengths, row_uniforms, sample_counts,
 )
@@ -242,7 +242,7 @@ def test_apply_shifts_on_ray_equals_the_pure_functions(ray_session):
 
 
 def test_default_mixture_rewards():
-    from pipelines.shifts import default_mixture_rewards
+    from pipelines.data.shifts import default_mixture_rewards
 
     assert default_mixture_rewards(["length", "r1", "r2", "r3", "verbosity"]) == ("r1", "r2")  # the world's names
     assert default_mixture_rewards(["safety", "help"]) == ("help", "safety")
@@ -250,7 +250,7 @@ def test_default_mixture_rewards():
 
 
 def test_row_uniforms_do_not_depend_on_where_the_data_lives():
-    from pipelines.shifts import row_uniforms
+    from pipelines.data.shifts import row_uniforms
 
     here = row_uniforms(["/a/run1/world/data/train.parquet:row 3", "x/eval.parquet:row 0#2"], seed=1, tag="t")
     there = row_uniforms(["/elsewhere/train.parquet:row 3", "eval.parquet:row 0#2"], seed=1, tag="t")

@@ -15,9 +15,9 @@ import pytest
 from pipelines import cli
 from pipelines.config import load
 from pipelines.errors import UserError
-from pipelines.synthetic import SynthConfig, WorldConfig, draw_world_spec, generate_world, load_world, rng_for
-from pipelines.world import World
-from pipelines.world_data import PAIR_COLUMNS, build_pairs, fit_source_classifier
+from pipelines.world import SynthConfig, WorldConfig, draw_world_spec, generate_world, load_world, rng_for
+from pipelines.world.functions import World
+from pipelines.world.pairs import PAIR_COLUMNS, build_pairs, fit_source_classifier
 
 TINY = [
     "synth.n_train=64",
@@ -299,7 +299,7 @@ def test_tokenizer_and_reference_model_load_and_beat_uniform(world_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.world_data import encode_sequences
+    from pipelines.world.pairs import encode_sequences
 
     world = load_world(world_dir)
     tok = AutoTokenizer.from_pretrained(world_dir / "tokenizer")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.errors import UserError
-from pipelines.train_config import (
+from pipelines.train.config import (
     build_train_config,
     load_train_config,
     train_config_to_dict,
@@ -113,7 +113,7 @@ def test_rerun_into_a_different_run_is_refused(tmp_path, tiny_model_dir, pairs_d
 
 
 def test_split_global_batch_gives_each_micro_step_one_contiguous_block():
-    from pipelines.train import split_global_batch
+    from pipelines.train.batches import split_global_batch
 
     rows = {"x": list(range(8))}
     assert [b["x"] for b in split_global_batch(rows, rank=0, world_size=2, micro_batch_size=2)] == [[0, 1], [4, 5]]
@@ -124,7 +124,7 @@ def test_split_global_batch_gives_each_micro_step_one_contiguous_block():
 def test_learning_rate_schedule():
     import torch
 
-    from pipelines.train import build_schedule
+    from pipelines.train.loop import build_schedule
 
     cfg = load_train_config(None, BASE + ["objective.name=dpo", "train.warmup_steps=2", "train.lr_schedule=linear",
                                           "train.lr=1.0"])

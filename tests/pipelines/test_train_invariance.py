@@ -44,7 +44,7 @@ def _global_batches(listwise: bool) -> list[dict]:
 def _context(name: str, rank: int, world: int, *, coupled: bool | None = None, global_accumulation: bool = True):
     import robust_objectives as ro
 
-    from pipelines.train_step import StepContext
+    from pipelines.train.step import StepContext
 
     defaults = ro.objective_hyperparameters(name)
     hyperparameters = {**defaults, **{k: v for k, v in SHARP.items() if k in defaults}}
@@ -62,8 +62,8 @@ def run_objective(model_dir: str, name: str, rank: int, world: int, micro: int, 
     import robust_objectives as ro
 
     from pipelines import model as model_lib
-    from pipelines.train import split_global_batch
-    from pipelines.train_step import train_step
+    from pipelines.train.batches import split_global_batch
+    from pipelines.train.step import train_step
 
     attn = "eager" if name in ro.NEEDS_EMBEDDINGS else "sdpa"
     policy = model_lib.load_causal_lm(model_dir, attn_implementation=attn).train()

@@ -43,7 +43,7 @@ def test_tune_checks_fail_before_ray(tmp_path):
     with pytest.raises(UserError, match="trial_eval.reward' is required"):
         tune_lib.check_tune_config(cfg)
     cfg = tune_lib.load_tune_config(None, ["search.objectives=kldpo", "search.overrides={kldpo: {taux: [1]}}",
-                                           "trial_eval.reward=pipelines.eval_rewards:word_count",
+                                           "trial_eval.reward=pipelines.evaluate.rewards:word_count",
                                            f"model.path={tmp_path}", f"data.path={tmp_path}"], str(tmp_path))
     with pytest.raises(UserError, match="taux"):
         tune_lib.check_tune_config(cfg)

@@ -63,7 +63,7 @@ def test_space_keys_are_registry_hyperparameters_and_defaults_valid(name):
 @pytest.mark.parametrize("mode", ["small", "wide", "search"])
 def test_every_space_samples_into_a_valid_train_objective_section(name, mode):
     """Each resolved trial config is accepted by the registry's range checks and the train config."""
-    from pipelines.train_config import resolve_objective_config
+    from pipelines.train.config import resolve_objective_config
 
     space = build_param_space(name, grid=mode != "search", wide=mode == "wide")
     variants = _resolved(space)

@@ -9,7 +9,7 @@ Per checkpoint (a policy dir loadable by from_pretrained, or a PEFT adapter dir)
 - implicit metrics on the tokenised eval split: Delta = policy minus reference summed response
   log-prob; pair_accuracy = fraction of pairs with Delta_chosen > Delta_rejected under the level's
   labels (ties: pair_ties), margin = mean(Delta_chosen - Delta_rejected) in nats, dpo_loss =
-  mean -log sigmoid(beta * margin_i) (OBJECTIVES.md 7.3).  The shift is `pipelines.shifts`
+  mean -log sigmoid(beta * margin_i) (OBJECTIVES.md 7.3).  The shift is `pipelines.data.shifts`
   applied to rows that already carry the log-probs: relabelling swaps every *chosen*/*rejected*
   column pair, so the log-probs follow the labels.
 - generative metrics: `generation.samples_per_prompt` ancestral samples (temperature 1) for the
@@ -38,9 +38,10 @@ import numpy as np
 import pandas as pd
 
 from pipelines import config as config_lib
-from pipelines import schema, shifts
+from pipelines import schema
+from pipelines.data import shifts
 from pipelines.errors import UserError
-from pipelines.eval_generation import ResponseLogps, SampleResponses
+from pipelines.evaluate.generation import ResponseLogps, SampleResponses
 
 RESULT_COLUMNS = (
     "trial_id", "checkpoint", "shift", "level", "spec", "reward", "kl", "kl_mc", "pair_accuracy",
@@ -332,7 +333,7 @@ def evaluate(cfg: EvaluateConfig) -> pd.DataFrame:
     """Evaluate every checkpoint under every shift level; write the outputs; return the rows."""
     import ray
 
-    from pipelines.eval_rewards import RewardFunction
+    from pipelines.evaluate.rewards import RewardFunction
     from pipelines.ray_session import ensure_ray, preserve_order
 
     _START[0] = time.monotonic()

@@ -3,7 +3,7 @@
     robust-dpo synth --output worlds/default                       # defaults: ~20 s on 2 CPU cores
     robust-dpo synth --output /tmp/w synth.seed=3 synth.label_noise=0.2 synth.n_train=256
 
-Writes DIR/world.json (every parameter: the file defines the world; pipelines/world.py reads it),
+Writes DIR/world.json (every parameter: the file defines the world; pipelines/world/functions.py reads it),
 DIR/tokenizer/, DIR/reference_model/ (LlamaForCausalLM + tokenizer, `from_pretrained`-loadable),
 DIR/data/{train,eval}.parquet (pairs with per-reward scores, group, source, DoRA calibration),
 DIR/config.yaml and DIR/timings.json (wall-clock; the only file that differs between equal runs).
@@ -28,7 +28,7 @@ import numpy as np
 
 from pipelines.config import dump, load
 from pipelines.errors import UserError
-from pipelines.world import (
+from pipelines.world.functions import (
     WORLD_FILE,
     WORLD_KIND,
     WORLD_VERSION,
@@ -37,7 +37,7 @@ from pipelines.world import (
     load_world,
     world_paths,
 )
-from pipelines.world_data import (
+from pipelines.world.pairs import (
     PAIR_COLUMNS,
     build_pairs,
     fit_source_classifier,
@@ -55,7 +55,7 @@ CHAT_TEMPLATE = (  # contents joined by spaces: renders a chat prompt to the sam
 STREAMS = ("params", "reward_scale", "train", "eval", "classifier", "reference_data", "reference_init")
 
 
-# ---- the text world.json carries next to the numbers (the formulas pipelines/world.py implements) ----
+# ---- the text world.json carries next to the numbers (the formulas pipelines/world/functions.py implements) ----
 GENERATOR_FORMULA = (
     "x = 1..max_prompt_words distinct topic words of one group; y_1 ~ softmax(L[x_last] + B_x + s), then after "
     "each word y_i (i < max_response_words) stop with prob stop_prob, else y_{i+1} ~ softmax(L[y_i] + B_x + s); "
@@ -315,7 +315,7 @@ def generate_world(cfg: SynthConfig | WorldConfig, output_dir: str | Path, log=p
         output_dir: the world directory.
         log: progress printer (one line per step).
     """
-    from pipelines.toy_models import build_word_tokenizer
+    from pipelines.world.toy_models import build_word_tokenizer
 
     wc = cfg.synth if isinstance(cfg, SynthConfig) else cfg
     paths = world_paths(output_dir)

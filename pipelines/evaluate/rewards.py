@@ -86,7 +86,7 @@ class RewardFunction:
         self.world = None
         self._fn: Optional[Callable] = None
         if self.spec.kind == "world":
-            from pipelines.world import load_world
+            from pipelines.world.functions import load_world
 
             self.world = load_world(self.spec.target)
             if self.spec.name and self.spec.name not in self.world.reward_names:
@@ -196,7 +196,7 @@ class RewardFunction:
 
 
 def word_count(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    """An example `module:function` reward (`pipelines.eval_rewards:word_count`): words per response."""
+    """An example `module:function` reward (`pipelines.evaluate.rewards:word_count`): words per response."""
     return [float(len(r.split())) for r in responses]
 
 

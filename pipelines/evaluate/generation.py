@@ -262,7 +262,7 @@ class SampleResponses:
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.reward, self.reward_keys = None, dict(reward_keys or {})
         if reward:
-            from pipelines.eval_rewards import RewardFunction
+            from pipelines.evaluate.rewards import RewardFunction
 
             self.reward = RewardFunction(reward, device=self.device)
 

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Literal
 from pipelines import config as config_lib
 from pipelines import schema
 from pipelines.errors import UserError
-from pipelines.formats import (
+from pipelines.data.formats import (
     FILE_SUFFIXES, INPUT_FORMATS, RowError, detect_format, iter_file_records, output_columns, output_format,
     parse_record, prepare_rows, prepared_schema,
 )
@@ -51,7 +51,7 @@ class DataConfig:
     output: str  # output folder (created; its split folders are replaced)
     format: Literal["auto", "pairs", "hh", "chat", "listwise"] = "auto"  # input format; auto = detect
     on_invalid: Literal["fail", "skip"] = "fail"  # fail: exit 2 naming bad rows; skip: drop + list them
-    shifts: tuple[str, ...] = ()  # shift specs applied in order (pipelines/shifts.py grammar)
+    shifts: tuple[str, ...] = ()  # shift specs applied in order (pipelines/data/shifts.py grammar)
     shift_splits: tuple[str, ...] = ("train",)  # splits the shifts apply to; eval stays clean by default
     max_length: int = 512  # tokens, prompt + response (TRL keep_start truncation); 8..131072
     max_prompt_length: int | None = None  # tokens; longer prompts are rejected; None = max_length - 1
@@ -90,7 +90,7 @@ def prepare_data(cfg: DataConfig) -> DataResult:
         UserError: bad source/config/shift spec, or invalid rows with `on_invalid="fail"` (after
             printing up to 20 `<file>:row <index>: <field>: <reason>` lines to stderr).
     """
-    from pipelines import shifts as shift_lib
+    from pipelines.data import shifts as shift_lib
 
     parsed_shifts = [shift_lib.parse_shift(s) for s in cfg.shifts]  # bad specs fail before Ray starts
     source = resolve_source(cfg.dataset)  # [1] files per split
@@ -436,7 +436,7 @@ def _finalize_batch(table, *, extra_columns: dict[str, str], fmt: str, file_orde
 
 
 def _hold_out(ds, fraction: float, seed: int) -> dict:
-    from pipelines.shifts import row_uniforms
+    from pipelines.data.shifts import row_uniforms
 
     def pick(table, *, held: bool):
         import numpy as np

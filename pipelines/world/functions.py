@@ -1,6 +1,6 @@
 """The embedded world's known functions: rewards, generators and the source classifier, from world.json.
 
-`robust-dpo synth` (pipelines/synthetic.py) draws the parameters once and writes them to
+`robust-dpo synth` (pipelines/world/__init__.py) draws the parameters once and writes them to
 `DIR/world.json`; everything here reads them back from that file, so the file *is* the definition
 (the tests recompute rewards by hand from it).  Texts are whitespace-separated words:
 
@@ -215,7 +215,7 @@ class World:
         alpha = np.asarray(alpha, dtype=float)
         if not np.all((alpha >= 0.0) & (alpha <= 1.0)):
             raise UserError(f"mixture alpha must be in [0, 1], got {alpha}")
-        from pipelines.shifts import mixture_reward
+        from pipelines.data.shifts import mixture_reward
 
         first, second = components if components and components[0] else self.spec["mixture"]["rewards"]
         r1, r2 = self.reward(first, prompts, responses), self.reward(second, prompts, responses)

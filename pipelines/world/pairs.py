@@ -1,5 +1,5 @@
 """What `robust-dpo synth` builds from a drawn world: labelled pairs, the DoRA source classifier, the
-reference model, and the parquet files.  The world's functions themselves live in pipelines/world.py.
+reference model, and the parquet files.  The world's functions themselves live in pipelines/world/functions.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.world import World, _sigmoid
+from pipelines.world.functions import World, _sigmoid
 
 REWARD_COLUMNS_OF = ("r1", "r2", "r3", "verbosity", "length")
 PAIR_COLUMNS = (
@@ -275,7 +275,7 @@ def train_reference_model(world: World, cfg, tokenizer, data_rng, init_rng, log:
     and deterministic; fresh samples every step.  Returns (model in eval mode, stats for world.json)."""
     import torch
 
-    from pipelines.toy_models import build_tiny_causal_lm
+    from pipelines.world.toy_models import build_tiny_causal_lm
 
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)  # bit-identical weights: one thread fixes the reduction order
