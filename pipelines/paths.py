@@ -1,0 +1,137 @@
+"""Paths a user types mean what they mean in the shell they were typed in.
+
+Ray workers run in another working directory, so every path a user gives (a flag, a `key=value`,
+a YAML value) is resolved against the invoking shell's working directory on the driver, before any
+worker starts, and the resolved value is what the written config holds and what a resume compares.
+
+A config field says what kind of path it holds through its annotation:
+
+    output: OutputPath = ""        # resolved; need not exist
+    path: InputPath                # must exist locally (or be a URI)
+    path: ModelPath                # a local path when one of that name exists, else a Hub id
+    reward: RewardSpec = ""        # `world:DIR[:NAME]`, `hf:PATH`, `module:function`
+
+Rules: URIs (`s3://`, `gs://`, `hf://`, ...) stay as they are; "" means unset and stays "";
+a Hub id (`owner/name`) is taken as such only when no local path of that name exists and it does
+not look local.  A missing path that looks local (`./x`, `../x`, `/x`, `~/x`, `x/`, `runs/x` whose
+first folder `runs` exists here, or more than one `/`) is an error naming the key (exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any
+
+from pipelines.errors import UserError
+
+
+class PathKind(str):
+    """Marker carried by `Annotated[str, PathKind(...)]`."""
+
+
+INPUT, OUTPUT, MODEL, DATASET, REWARD = (PathKind(k) for k in ("input", "output", "model", "dataset", "reward"))
+InputPath = Annotated[str, INPUT]  # an existing local file or folder, or a URI
+OutputPath = Annotated[str, OUTPUT]  # a folder that may not exist yet
+ModelPath = Annotated[str, MODEL]  # a local model/tokenizer folder, or a Hub repo id
+DatasetPath = Annotated[str, DATASET]  # a local dataset file/folder, or a Hub dataset id
+RewardSpec = Annotated[str, REWARD]  # world:DIR[:NAME] | hf:PATH | module:function
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+
+
+def is_uri(value: str) -> bool:
+    return bool(_URI.match(value))
+
+
+def looks_local(value: str, cwd: Path) -> bool:
+    """Whether a path that does not exist was meant as a local path rather than a Hub id."""
+    if value.startswith(("./", "../", "/", "~", ".\\")) or value.endswith(("/", os.sep)) or value in (".", ".."):
+        return True
+    if not _HUB_ID.match(value):
+        return True  # no slash, or several: `runs/a/b` is no Hub id
+    return (cwd / value.split("/", 1)[0]).is_dir()
+
+
+def resolve_path(value: str, kind: str, key: str, cwd: str | Path | None = None) -> str:
+    """The value of config key `key` resolved against `cwd` (default: the current directory).
+
+    Raises:
+        UserError: an input that does not exist, or a model/dataset path that looks local and
+            does not exist (the message names the key).
+    """
+    if not value or is_uri(value):
+        return value
+    cwd = Path(cwd or os.getcwd())
+    path = (cwd / Path(value).expanduser()).resolve() if not Path(value).expanduser().is_absolute() else Path(
+        value).expanduser().resolve()
+    if kind == OUTPUT:
+        return str(path)
+    if path.exists():
+        return str(path)
+    if kind in (MODEL, DATASET) and not looks_local(value, cwd):
+        return value  # a Hub id
+    raise UserError(f"config key '{key}': path '{value}' does not exist (resolved against {cwd})")
+
+
+def resolve_reward(value: str, key: str, cwd: str | Path | None = None) -> str:
+    """`world:DIR[:NAME]` and `hf:PATH` get their path resolved; `module:function` stays."""
+    if value.startswith("world:"):
+        directory, _, name = value[len("world:"):].partition(":")
+        return "world:" + resolve_path(directory, INPUT, key, cwd) + (f":{name}" if name else "")
+    if value.startswith("hf:"):
+        return "hf:" + resolve_path(value[len("hf:"):], MODEL, key, cwd)
+    return value
+
+
+def resolve_config_paths(cfg: Any, cwd: str | Path | None = None, prefix: str = "") -> Any:
+    """A copy of dataclass `cfg` with every path-annotated field resolved (nested sections too).
+
+    List fields of a path kind resolve each item; an item `NAME=PATH` keeps its name."""
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    changes = {}
+    for field in dataclasses.fields(cfg):
+        key = f"{prefix}.{field.name}" if prefix else field.name
+        value = getattr(cfg, field.name)
+        kind = _kind_of(hints.get(field.name))
+        if dataclasses.is_dataclass(value):
+            new = resolve_config_paths(value, cwd, key)
+        elif kind is None:
+            continue
+        elif isinstance(value, list):
+            new = [_resolve_one(v, kind, f"{key}[{i}]", cwd) for i, v in enumerate(value)]
+        elif isinstance(value, str):
+            new = _resolve_one(value, kind, key, cwd)
+        else:
+            continue
+        if new != value:
+            changes[field.name] = new
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _resolve_one(value: str, kind: str, key: str, cwd) -> str:
+    if kind == REWARD:
+        return resolve_reward(value, key, cwd)
+    name, eq, path = value.partition("=")
+    if eq and kind == INPUT and "/" not in name and not Path(value).exists():
+        return f"{name}={resolve_path(path, kind, key, cwd)}"  # evaluate's --checkpoint NAME=PATH
+    return resolve_path(value, kind, key, cwd)
+
+
+def _kind_of(tp: Any) -> PathKind | None:
+    """The PathKind of `Annotated[str, kind]`, `Annotated[str, kind] | None` or `list[Annotated[...]]`."""
+    if tp is None:
+        return None
+    if typing.get_origin(tp) is Annotated:
+        return next((m for m in tp.__metadata__ if isinstance(m, PathKind)), None)
+    for arg in typing.get_args(tp):
+        kind = _kind_of(arg)
+        if kind is not None:
+            return kind
+    return None
