@@ -9,8 +9,9 @@ the single table of objectives: name -> function and what it needs (token-level 
 input embeddings, calibration, lists) and whether it couples the batch. OBJECTIVES and the
 capability sets below derive from it; config validation, CLI help and the README table from those.
 Every objective's `metrics` carry the TRL-compatible rewards/chosen, rewards/rejected,
-rewards/margins and rewards/accuracies (listwise: of the top- and bottom-scored responses, see
-`rank_by_scores`) plus rewards/accuracy_delta; they are the only definition of those numbers.
+rewards/margins and rewards/accuracies at its own implicit reward, plus rewards/accuracy_delta;
+they are the only definition of those numbers (listwise: chosen and rejected are the top- and
+bottom-scored responses, ranked by `rank_by_scores`).
 """
 
 from __future__ import annotations
