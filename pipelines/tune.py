@@ -120,10 +120,11 @@ def check_tune_config(cfg: TuneStageConfig) -> None:
 
     if not cfg.search.objectives:
         raise UserError("config key 'search.objectives' is empty")
-    bad = [o for o in cfg.search.objectives if o not in robust_objectives.OBJECTIVES]
-    if bad:
-        raise UserError(f"config key 'search.objectives': unknown objective '{bad[0]}'; valid: "
-                        f"{', '.join(sorted(robust_objectives.OBJECTIVES))}")
+    try:
+        for name in cfg.search.objectives:
+            robust_objectives.get_spec(name)
+    except robust_objectives.UnknownObjectiveError as error:
+        raise UserError(f"config key 'search.objectives': {error}") from error
     stray = sorted(set(cfg.search.overrides) - set(cfg.search.objectives))
     if stray:
         raise UserError(f"config key 'search.overrides.{stray[0]}': not among search.objectives")

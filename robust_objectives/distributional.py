@@ -12,27 +12,13 @@ from typing import Optional
 
 import torch
 
-from robust_objectives.dpo import (
-    compute_log_ratios,
-    compute_pair_losses,
-    require_field,
-    require_pairs,
-    summarize_rewards,
-    to_compute_dtype,
-)
+from robust_objectives.dpo import compute_pair_losses, pair_log_ratios, require_field, to_compute_dtype
 from robust_objectives.global_batch import combine_global, gather_detached, summarize_weights
-from robust_objectives.hyperparameters import check_hyperparameters
 from robust_objectives.types import GatherFn, ObjectiveOutput, PreferenceLogps, Tensor
 
 DRDPO_PAPER = "https://arxiv.org/abs/2407.07880"
 KLDPO_PAPER = "https://arxiv.org/abs/2502.01930"
 DORA_PAPER = "https://arxiv.org/abs/2504.05831"
-
-
-def _pair_losses(inputs: PreferenceLogps, beta: float, objective: str):
-    chosen, rejected = compute_log_ratios(require_pairs(inputs, objective))
-    metrics = summarize_rewards(beta * chosen, beta * rejected, chosen, rejected)
-    return compute_pair_losses(chosen - rejected, beta), metrics
 
 
 def drdpo(
@@ -61,8 +47,8 @@ def drdpo(
         ObjectiveOutput: loss (global value, see global_batch.py), losses (B,) = l_i, metrics
         (rewards, drdpo/weight_max, drdpo/weight_entropy, drdpo/base_loss_mean).
     """
-    check_hyperparameters("drdpo", {"beta": beta, "beta_prime": beta_prime})
-    losses, metrics = _pair_losses(inputs, beta, "drdpo")
+    chosen, rejected, metrics = pair_log_ratios(inputs, "drdpo", {"beta": beta, "beta_prime": beta_prime})
+    losses = compute_pair_losses(chosen - rejected, beta)  # per-pair DPO loss l_i
     all_losses = gather_detached(losses, gather)
     n = all_losses.shape[0]
     log_normalizer = torch.logsumexp(-all_losses / beta_prime, dim=0)
@@ -110,8 +96,8 @@ def kldpo(
         kldpo/weight_max, kldpo/weight_entropy, kldpo/weight_mean, kldpo/base_loss_mean).
     """
     hyperparameters = {"beta": beta, "tau": tau, "normalize": normalize, "max_weight": max_weight}
-    check_hyperparameters("kldpo", hyperparameters)
-    losses, metrics = _pair_losses(inputs, beta, "kldpo")
+    chosen, rejected, metrics = pair_log_ratios(inputs, "kldpo", hyperparameters)
+    losses = compute_pair_losses(chosen - rejected, beta)  # per-pair DPO loss l_i
     all_losses = gather_detached(losses, gather)
     n = all_losses.shape[0]
     if normalize:
@@ -161,9 +147,9 @@ def dora(
         ObjectiveOutput: loss (global value), losses (B,) = l_i (uncalibrated), metrics (rewards,
         dora/weight_max, dora/weight_entropy, dora/calibration_mean, dora/base_loss_mean).
     """
-    check_hyperparameters("dora", {"beta": beta, "lam": lam})
+    chosen, rejected, metrics = pair_log_ratios(inputs, "dora", {"beta": beta, "lam": lam})
     calibration = check_calibration(require_field(inputs, "calibration", "dora"), "dora")
-    losses, metrics = _pair_losses(inputs, beta, "dora")
+    losses = compute_pair_losses(chosen - rejected, beta)  # per-pair DPO loss l_i
     return reduce_dora_losses(losses, calibration, lam, gather, "dora", metrics)
 
 

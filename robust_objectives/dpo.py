@@ -6,13 +6,13 @@ tokens, h = Delta_w - Delta_l, and the per-pair DPO loss l = -log sigmoid(beta h
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from robust_objectives.hyperparameters import check_hyperparameters
-from robust_objectives.types import GatherFn, ObjectiveOutput, PreferenceLogps, Tensor
+from robust_objectives.types import ObjectiveOutput, PreferenceLogps, Tensor
 
 DPO_PAPER = "https://arxiv.org/abs/2305.18290"
 IPO_PAPER = "https://arxiv.org/abs/2310.12036"
@@ -99,7 +99,36 @@ def summarize_rewards(
     }
 
 
-def dpo(inputs: PreferenceLogps, *, beta: float = 0.1, gather: Optional[GatherFn] = None) -> ObjectiveOutput:
+def pair_log_ratios(
+    inputs: object, objective: str, hyperparameters: Mapping[str, Any]
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The preamble of a sequence-level pairwise objective whose implicit reward is beta Delta.
+
+    Checks the hyperparameters, requires PreferenceLogps, and computes the log-ratios and the
+    reward metrics, leaving the objective only its own formula.
+
+    Args:
+        inputs: what the objective was called with.
+        objective: registry name (error messages, hyperparameter ranges).
+        hyperparameters: every hyperparameter of the objective, `beta` included.
+
+    Returns:
+        chosen_log_ratios: (B,) Delta_w, with grad.
+        rejected_log_ratios: (B,) Delta_l, with grad.
+        metrics: summarize_rewards at rewards beta Delta_w, beta Delta_l.
+    """
+    check_hyperparameters(objective, hyperparameters)
+    chosen, rejected = compute_log_ratios(require_pairs(inputs, objective))
+    beta = hyperparameters["beta"]
+    return chosen, rejected, summarize_rewards(beta * chosen, beta * rejected, chosen, rejected)
+
+
+def mean_output(losses: Tensor, metrics: dict[str, Tensor]) -> ObjectiveOutput:
+    """ObjectiveOutput of a non-coupled objective: loss = mean of the (B,) per-example losses."""
+    return ObjectiveOutput(loss=losses.mean(), losses=losses.detach(), metrics=metrics)
+
+
+def dpo(inputs: PreferenceLogps, *, beta: float = 0.1) -> ObjectiveOutput:
     """Direct Preference Optimization: mean_i -log sigmoid(beta h_i).
 
     Worked example: policy == reference gives h = 0 and l = log 2 for every pair, and
@@ -108,19 +137,16 @@ def dpo(inputs: PreferenceLogps, *, beta: float = 0.1, gather: Optional[GatherFn
     Args:
         inputs: PreferenceLogps; uses the four (B,) sequence log-prob fields.
         beta: KL-regularisation strength, > 0 (0.1 in the paper).
-        gather: ignored (DPO is not batch-coupled); accepted so every objective has one call shape.
 
     Returns:
         ObjectiveOutput with loss = mean(losses), losses (B,) = l_i, and reward metrics.
     """
-    check_hyperparameters("dpo", {"beta": beta})
-    chosen, rejected = compute_log_ratios(require_pairs(inputs, "dpo"))
+    chosen, rejected, metrics = pair_log_ratios(inputs, "dpo", {"beta": beta})
     losses = compute_pair_losses(chosen - rejected, beta)  # Eq. 7 of DPO_PAPER
-    metrics = summarize_rewards(beta * chosen, beta * rejected, chosen, rejected)
-    return ObjectiveOutput(loss=losses.mean(), losses=losses.detach(), metrics=metrics)
+    return mean_output(losses, metrics)
 
 
-def ipo(inputs: PreferenceLogps, *, beta: float = 0.1, gather: Optional[GatherFn] = None) -> ObjectiveOutput:
+def ipo(inputs: PreferenceLogps, *, beta: float = 0.1) -> ObjectiveOutput:
     """Identity Preference Optimization with TRL's per-token averaged log-ratios.
 
     l_i = (hbar_i - 1/(2 beta))^2 with hbar = Delta_w/|y_w| - Delta_l/|y_l| (Eq. 17 of
@@ -134,18 +160,14 @@ def ipo(inputs: PreferenceLogps, *, beta: float = 0.1, gather: Optional[GatherFn
         inputs: PreferenceLogps with chosen_lengths and rejected_lengths (B,) response token counts
             (a count of 0 is treated as 1; its Delta is 0 anyway).
         beta: regularisation, > 0; the margin target is 1/(2 beta).
-        gather: ignored (not batch-coupled).
 
     Returns:
         ObjectiveOutput with loss = mean(losses), losses (B,) = l_i, and reward metrics (beta Delta).
     """
-    check_hyperparameters("ipo", {"beta": beta})
-    inputs = require_pairs(inputs, "ipo")
+    chosen, rejected, metrics = pair_log_ratios(inputs, "ipo", {"beta": beta})
     chosen_lengths = to_compute_dtype(require_field(inputs, "chosen_lengths", "ipo")).clamp(min=1)
     rejected_lengths = to_compute_dtype(require_field(inputs, "rejected_lengths", "ipo")).clamp(min=1)
-    chosen, rejected = compute_log_ratios(inputs)
     mean_margins = chosen / chosen_lengths - rejected / rejected_lengths
     losses = (mean_margins - 1.0 / (2.0 * beta)) ** 2  # Eq. 17 of IPO_PAPER
-    metrics = summarize_rewards(beta * chosen, beta * rejected, chosen, rejected)
     metrics["ipo/mean_token_margin"] = mean_margins.detach().mean()
-    return ObjectiveOutput(loss=losses.mean(), losses=losses.detach(), metrics=metrics)
+    return mean_output(losses, metrics)

@@ -8,13 +8,10 @@ section 2.2; TRL's loss_type="robust").
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch.nn.functional as F
 
-from robust_objectives.dpo import compute_log_ratios, require_pairs, summarize_rewards
-from robust_objectives.hyperparameters import check_hyperparameters
-from robust_objectives.types import GatherFn, ObjectiveOutput, PreferenceLogps
+from robust_objectives.dpo import mean_output, pair_log_ratios
+from robust_objectives.types import ObjectiveOutput, PreferenceLogps
 
 CDPO_NOTE = "https://ericmitchell.ai/cdpo.pdf"
 RDPO_PAPER = "https://arxiv.org/abs/2403.00409"
@@ -25,7 +22,6 @@ def cdpo(
     *,
     beta: float = 0.1,
     label_smoothing: float = 0.1,
-    gather: Optional[GatherFn] = None,
 ) -> ObjectiveOutput:
     """Conservative DPO: l = -(1 - eps) log s(beta h) - eps log s(-beta h).
 
@@ -36,18 +32,16 @@ def cdpo(
         inputs: PreferenceLogps; uses the four (B,) sequence log-prob fields.
         beta: KL-regularisation strength, > 0.
         label_smoothing: eps in [0, 0.5], the assumed probability that a label is flipped.
-        gather: ignored (not batch-coupled).
 
     Returns:
         ObjectiveOutput with loss = mean(losses), losses (B,), and reward metrics (beta Delta).
     """
-    check_hyperparameters("cdpo", {"beta": beta, "label_smoothing": label_smoothing})
-    chosen, rejected = compute_log_ratios(require_pairs(inputs, "cdpo"))
+    hyperparameters = {"beta": beta, "label_smoothing": label_smoothing}
+    chosen, rejected, metrics = pair_log_ratios(inputs, "cdpo", hyperparameters)
     logits = beta * (chosen - rejected)
     # Cross-entropy against the smoothed target (1 - eps, eps): the cDPO loss of CDPO_NOTE.
     losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    metrics = summarize_rewards(beta * chosen, beta * rejected, chosen, rejected)
-    return ObjectiveOutput(loss=losses.mean(), losses=losses.detach(), metrics=metrics)
+    return mean_output(losses, metrics)
 
 
 def rdpo(
@@ -55,7 +49,6 @@ def rdpo(
     *,
     beta: float = 0.1,
     label_smoothing: float = 0.1,
-    gather: Optional[GatherFn] = None,
 ) -> ObjectiveOutput:
     """Robust (de-biased) DPO: l = [-(1 - eps) log s(beta h) + eps log s(-beta h)] / (1 - 2 eps).
 
@@ -69,17 +62,15 @@ def rdpo(
         inputs: PreferenceLogps; uses the four (B,) sequence log-prob fields.
         beta: KL-regularisation strength, > 0.
         label_smoothing: eps in [0, 0.5), the known flip rate; eps = 0 is DPO.
-        gather: ignored (not batch-coupled).
 
     Returns:
         ObjectiveOutput with loss = mean(losses), losses (B,), and reward metrics (beta Delta).
     """
-    check_hyperparameters("rdpo", {"beta": beta, "label_smoothing": label_smoothing})
-    chosen, rejected = compute_log_ratios(require_pairs(inputs, "rdpo"))
+    hyperparameters = {"beta": beta, "label_smoothing": label_smoothing}
+    chosen, rejected, metrics = pair_log_ratios(inputs, "rdpo", hyperparameters)
     logits = beta * (chosen - rejected)
     # De-biased loss of RDPO_PAPER (TRL 1.16 dpo_trainer.py, loss_type="robust").
     losses = (
         -(1.0 - label_smoothing) * F.logsigmoid(logits) + label_smoothing * F.logsigmoid(-logits)
     ) / (1.0 - 2.0 * label_smoothing)
-    metrics = summarize_rewards(beta * chosen, beta * rejected, chosen, rejected)
-    return ObjectiveOutput(loss=losses.mean(), losses=losses.detach(), metrics=metrics)
+    return mean_output(losses, metrics)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from robust_objectives.distributional import check_calibration, reduce_dora_losses
-from robust_objectives.dpo import require_field, to_compute_dtype
+from robust_objectives.dpo import mean_output, require_field, to_compute_dtype
 from robust_objectives.hyperparameters import check_hyperparameters
 from robust_objectives.types import GatherFn, ListwiseLogps, ObjectiveOutput, Tensor
 
@@ -22,6 +22,16 @@ def _require_lists(inputs: object, objective: str) -> ListwiseLogps:
     if not isinstance(inputs, ListwiseLogps):
         raise TypeError(f"{objective} takes ListwiseLogps, got {type(inputs).__name__}")
     return inputs
+
+
+def rank_by_scores(values: Tensor, scores: Tensor) -> Tensor:
+    """`values` (B, K) reordered per list by descending score, ties in input order (stable sort).
+
+    This is the one listwise ranking: column 0 is the top-scored response (the "chosen" of the
+    reward and log-prob metrics), column -1 the bottom-scored one (the "rejected").
+    """
+    order = torch.argsort(scores.detach(), dim=-1, descending=True, stable=True)
+    return values.gather(-1, order)
 
 
 def compute_plackett_luce_losses(inputs: ListwiseLogps, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -38,16 +48,14 @@ def compute_plackett_luce_losses(inputs: ListwiseLogps, beta: float) -> tuple[Te
             response pairs with different scores whose reward / log-ratio order agrees with the scores.
     """
     log_ratios = to_compute_dtype(inputs.policy_logps) - to_compute_dtype(inputs.reference_logps.detach())
-    rewards = beta * log_ratios  # (B, K)
-    order = torch.argsort(inputs.scores.detach(), dim=-1, descending=True, stable=True)
-    ranked = rewards.gather(-1, order)
+    ranked = rank_by_scores(beta * log_ratios, inputs.scores)  # (B, K) rewards, best first
     # logsumexp over j >= k for every k: a reversed cumulative logsumexp.
     tail_normalizers = torch.logcumsumexp(ranked.flip(-1), dim=-1).flip(-1)
     losses = -(ranked - tail_normalizers).mean(dim=-1)
 
     detached = ranked.detach()
-    ranked_scores = inputs.scores.detach().gather(-1, order)
-    ranked_ratios = log_ratios.detach().gather(-1, order)
+    ranked_scores = rank_by_scores(inputs.scores.detach(), inputs.scores)
+    ranked_ratios = rank_by_scores(log_ratios.detach(), inputs.scores)
     better = ranked_scores[:, :, None] > ranked_scores[:, None, :]  # (B, K, K) score order j over k
     pairs = better.sum().clamp(min=1)
     metrics = {
@@ -61,7 +69,7 @@ def compute_plackett_luce_losses(inputs: ListwiseLogps, beta: float) -> tuple[Te
     return losses, metrics
 
 
-def dpo_pl(inputs: ListwiseLogps, *, beta: float = 0.1, gather: Optional[GatherFn] = None) -> ObjectiveOutput:
+def dpo_pl(inputs: ListwiseLogps, *, beta: float = 0.1) -> ObjectiveOutput:
     """DPO with a Plackett-Luce ranking over K responses: mean_b l_b (module docstring).
 
     Worked example: K = 3 with ranked rewards s = (log 3, 0, 0) gives
@@ -70,14 +78,13 @@ def dpo_pl(inputs: ListwiseLogps, *, beta: float = 0.1, gather: Optional[GatherF
     Args:
         inputs: ListwiseLogps with (B, K) policy_logps, reference_logps and scores.
         beta: KL-regularisation strength, > 0.
-        gather: ignored (not batch-coupled).
 
     Returns:
         ObjectiveOutput: loss = mean(losses), losses (B,) = l_b, listwise reward metrics.
     """
     check_hyperparameters("dpo_pl", {"beta": beta})
     losses, metrics = compute_plackett_luce_losses(_require_lists(inputs, "dpo_pl"), beta)
-    return ObjectiveOutput(loss=losses.mean(), losses=losses.detach(), metrics=metrics)
+    return mean_output(losses, metrics)
 
 
 def dora_pl(

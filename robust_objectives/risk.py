@@ -9,14 +9,12 @@ argument; rewards/accuracy_delta (1[Delta_w > Delta_l]) stays comparable with th
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch.nn.functional as F
 
-from robust_objectives.dpo import compute_log_ratios, require_field, require_pairs, summarize_rewards
+from robust_objectives.dpo import compute_log_ratios, mean_output, require_field, require_pairs, summarize_rewards
 from robust_objectives.hyperparameters import check_hyperparameters
 from robust_objectives.risk_measures import compute_sequence_divergence
-from robust_objectives.types import GatherFn, ObjectiveOutput, PreferenceLogps
+from robust_objectives.types import ObjectiveOutput, PreferenceLogps
 
 TDPO_PAPER = "https://arxiv.org/abs/2404.11999"
 RADPO_PAPER = "https://arxiv.org/abs/2505.20359"
@@ -67,10 +65,10 @@ def _token_level(
     if measure != "kl":
         metrics["risk_ratio/chosen"] = chosen_divergence.detach().mean()
         metrics["risk_ratio/rejected"] = rejected_divergence.detach().mean()
-    return ObjectiveOutput(loss=losses.mean(), losses=losses.detach(), metrics=metrics)
+    return mean_output(losses, metrics)
 
 
-def tdpo1(inputs: PreferenceLogps, *, beta: float = 0.1, gather: Optional[GatherFn] = None) -> ObjectiveOutput:
+def tdpo1(inputs: PreferenceLogps, *, beta: float = 0.1) -> ObjectiveOutput:
     """TDPO1: l = -log s(beta [h - (D_l - D_w)]), D = sequential KL(pi_ref || pi_theta).
 
     https://arxiv.org/abs/2404.11999 (OBJECTIVES.md 3.2). Worked example: one response position,
@@ -80,7 +78,6 @@ def tdpo1(inputs: PreferenceLogps, *, beta: float = 0.1, gather: Optional[Gather
     Args:
         inputs: PreferenceLogps with the four (B, T, V) vocab log-prob fields and (B, T) masks.
         beta: KL-regularisation strength, > 0.
-        gather: ignored (not batch-coupled).
 
     Returns:
         ObjectiveOutput: loss = mean(losses), losses (B,), metrics (rewards beta(Delta + D),
@@ -90,16 +87,13 @@ def tdpo1(inputs: PreferenceLogps, *, beta: float = 0.1, gather: Optional[Gather
     return _token_level(inputs, "tdpo1", beta=beta, alpha=1.0, stop_chosen_gradient=False, measure="kl", mu=1.0)
 
 
-def tdpo2(
-    inputs: PreferenceLogps, *, beta: float = 0.1, alpha: float = 0.5, gather: Optional[GatherFn] = None
-) -> ObjectiveOutput:
+def tdpo2(inputs: PreferenceLogps, *, beta: float = 0.1, alpha: float = 0.5) -> ObjectiveOutput:
     """TDPO2: l = -log s(beta [h - alpha (D_l - stopgrad(D_w))]), D = sequential KL.
 
     Args:
         inputs: PreferenceLogps with the four (B, T, V) vocab log-prob fields and (B, T) masks.
         beta: KL-regularisation strength, > 0.
         alpha: weight of the sequential-KL difference, >= 0 (0.5 in the paper).
-        gather: ignored (not batch-coupled).
 
     Returns:
         ObjectiveOutput: loss = mean(losses), losses (B,), metrics (rewards beta(Delta + alpha D),
@@ -115,7 +109,6 @@ def radpo1(
     beta: float = 0.1,
     mu: float = 0.95,
     risk: str = "cvar",
-    gather: Optional[GatherFn] = None,
 ) -> ObjectiveOutput:
     """Ra-DPO1: l = -log s(beta [h - (D_l - D_w)]), D = sequential risk ratio (Eq. 17 of Ra-DPO).
 
@@ -127,7 +120,6 @@ def radpo1(
         beta: KL-regularisation strength, > 0.
         mu: CVaR level in (0, 1] for "cvar"/"cvar_official"; entropic coefficient > 0 for "erm".
         risk: "cvar" (paper), "cvar_official" (authors' code) or "erm" (entropic).
-        gather: ignored (not batch-coupled: the quantiles are over the vocabulary).
 
     Returns:
         ObjectiveOutput: loss = mean(losses), losses (B,), metrics (rewards beta(Delta + D),
@@ -144,7 +136,6 @@ def radpo2(
     alpha: float = 0.5,
     mu: float = 0.95,
     risk: str = "cvar",
-    gather: Optional[GatherFn] = None,
 ) -> ObjectiveOutput:
     """Ra-DPO2: l = -log s(beta [h - alpha (D_l - stopgrad(D_w))]), D = risk ratio (Eq. 19 of Ra-DPO).
 
@@ -154,7 +145,6 @@ def radpo2(
         alpha: weight of the risk-ratio difference, >= 0 (0.5 in the paper).
         mu: CVaR level in (0, 1] for "cvar"/"cvar_official"; entropic coefficient > 0 for "erm".
         risk: "cvar" (paper), "cvar_official" (authors' code) or "erm" (entropic).
-        gather: ignored (not batch-coupled).
 
     Returns:
         ObjectiveOutput: loss = mean(losses), losses (B,), metrics (rewards beta(Delta + alpha D),

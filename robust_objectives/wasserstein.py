@@ -14,15 +14,13 @@ from typing import Optional
 import torch
 
 from robust_objectives.dpo import (
-    compute_log_ratios,
     compute_pair_losses,
+    mean_output,
+    pair_log_ratios,
     require_field,
-    require_pairs,
-    summarize_rewards,
     to_compute_dtype,
 )
 from robust_objectives.global_batch import combine_global, gather_detached
-from robust_objectives.hyperparameters import check_hyperparameters
 from robust_objectives.types import GatherFn, ObjectiveOutput, PreferenceLogps, Tensor
 
 WDPO_PAPER = "https://arxiv.org/abs/2502.01930"
@@ -92,27 +90,24 @@ def wdpo(
         ObjectiveOutput: loss; losses (B,) = l_i + rho g_i for "pointwise", l_i for "sqrt";
         metrics (rewards, wdpo/grad_norm_sq = mean g, wdpo/penalty = the term added to the loss).
     """
-    check_hyperparameters("wdpo", {"beta": beta, "rho": rho, "penalty": penalty})
-    inputs = require_pairs(inputs, "wdpo")
-    embeddings = require_field(inputs, "policy_input_embeddings", "wdpo")
-    if not embeddings.requires_grad:
-        raise ValueError("wdpo needs policy_input_embeddings with requires_grad=True")
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
-        chosen, rejected = compute_log_ratios(inputs)
-        losses = compute_pair_losses(chosen - rejected, beta)
+        chosen, rejected, metrics = pair_log_ratios(inputs, "wdpo", {"beta": beta, "rho": rho, "penalty": penalty})
+        embeddings = require_field(inputs, "policy_input_embeddings", "wdpo")
+        if not embeddings.requires_grad:
+            raise ValueError("wdpo needs policy_input_embeddings with requires_grad=True")
+        losses = compute_pair_losses(chosen - rejected, beta)  # per-pair DPO loss l_i
         if not create_graph and not losses.requires_grad:
             raise ValueError(
                 "wdpo: the policy log-probs carry no graph; run the policy forward with grad "
                 "enabled (the penalty is then computed with create_graph=False under no_grad)"
             )
         penalties = compute_embedding_penalties(losses, embeddings, create_graph=create_graph)
-    metrics = summarize_rewards(beta * chosen, beta * rejected, chosen, rejected)
     if penalty == "pointwise":
         per_pair = losses + rho * penalties  # l^W_i of App. F, WDPO_PAPER
         metrics["wdpo/grad_norm_sq"] = penalties.detach().mean()
         metrics["wdpo/penalty"] = rho * penalties.detach().mean()
-        return ObjectiveOutput(loss=per_pair.mean(), losses=per_pair.detach(), metrics=metrics)
+        return mean_output(per_pair, metrics)
     stats = gather_detached(torch.stack([losses, penalties], dim=1), gather)
     mean_penalty = stats[:, 1].mean()
     root = torch.sqrt(mean_penalty)

@@ -33,9 +33,16 @@ ROBUSTNESS_PARAMS: dict[str, tuple[str, ...]] = {name: space.robustness for name
 
 
 def get_space(objective: str) -> ObjectiveSpace:
-    """The `ObjectiveSpace` of `objective`; a ValueError listing the valid names if unknown."""
-    if objective not in SPACES:
-        raise ValueError(f"unknown objective '{objective}'; valid objectives: {', '.join(sorted(SPACES))}")
+    """The `ObjectiveSpace` of `objective`; a ValueError listing the valid names if unknown.
+
+    The name is checked by the registry (`robust_objectives.get_objective`); this re-words it.
+    """
+    from robust_objectives import UnknownObjectiveError, get_objective
+
+    try:
+        get_objective(objective)
+    except UnknownObjectiveError as error:
+        raise ValueError(f"unknown objective '{error.name}'; valid objectives: {', '.join(error.valid)}") from error
     return SPACES[objective]
 
 
@@ -47,14 +54,20 @@ def registry_hyperparameters(objective: str) -> set[str]:
 
 
 def validate_keys(objective: str, keys: Iterable[str], where: str = "overrides") -> None:
-    """Raise ValueError if any of `keys` is not a hyperparameter of the registry's `objective`."""
-    valid = registry_hyperparameters(objective)
-    unknown = sorted(set(keys) - valid)
-    if unknown:
+    """Raise ValueError if any of `keys` is not a hyperparameter of the registry's `objective`.
+
+    The registry checks the names (`robust_objectives.validate_hyperparameters`, values left alone:
+    here they are grids and domains); this re-words its error with `where`.
+    """
+    from robust_objectives import UnknownHyperparameterError, validate_hyperparameters
+
+    try:
+        validate_hyperparameters(objective, dict.fromkeys(keys), check_values=False)
+    except UnknownHyperparameterError as error:
         raise ValueError(
-            f"{where}: objective '{objective}' has no hyperparameter '{unknown[0]}'; "
-            f"valid keys: {', '.join(sorted(valid))}"
-        )
+            f"{where}: objective '{objective}' has no hyperparameter '{error.unknown[0]}'; "
+            f"valid keys: {', '.join(error.valid)}"
+        ) from error
 
 
 def _resolve(

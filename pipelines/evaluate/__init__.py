@@ -36,12 +36,15 @@ from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from pipelines import config as config_lib
 from pipelines import schema
 from pipelines.data import shifts
 from pipelines.errors import UserError
 from pipelines.evaluate.generation import ResponseLogps, SampleResponses
+from robust_objectives import PreferenceLogps
+from robust_objectives.dpo import compute_log_ratios, compute_pair_losses, summarize_rewards
 
 RESULT_COLUMNS = (
     "trial_id", "checkpoint", "shift", "level", "spec", "reward", "kl", "kl_mc", "pair_accuracy",
@@ -158,21 +161,28 @@ def pair_metrics(policy_chosen: np.ndarray, policy_rejected: np.ndarray, referen
                  reference_rejected: np.ndarray, beta: float) -> dict[str, float]:
     """Implicit metrics of N pairs under their current labels (all inputs (N,) summed log-probs).
 
+    Computed in float64 with the pieces of robust_objectives' `dpo` objective (its log-ratios,
+    per-pair loss and rewards/accuracy_delta), not a second definition.
+
     Returns:
         pair_accuracy: mean 1[Delta_w > Delta_l]; pair_ties: mean 1[Delta_w == Delta_l];
         margin: mean(Delta_w - Delta_l) in nats; dpo_loss: mean -log sigmoid(beta (Delta_w - Delta_l));
         n_pairs.  NaN metrics (and n_pairs 0) when N = 0.
     """
-    h = (np.asarray(policy_chosen) - np.asarray(reference_chosen)) - (
-        np.asarray(policy_rejected) - np.asarray(reference_rejected))
-    if len(h) == 0:
+    inputs = PreferenceLogps(*(torch.as_tensor(np.asarray(x, dtype=np.float64)) for x in (
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected)))
+    n_pairs = int(inputs.policy_chosen_logps.shape[0])
+    if n_pairs == 0:
         return {"pair_accuracy": np.nan, "pair_ties": np.nan, "margin": np.nan, "dpo_loss": np.nan, "n_pairs": 0}
+    chosen, rejected = compute_log_ratios(inputs)
+    margins = chosen - rejected
+    rewards = summarize_rewards(beta * chosen, beta * rejected, chosen, rejected)
     return {
-        "pair_accuracy": float(np.mean(h > 0)),
-        "pair_ties": float(np.mean(h == 0)),
-        "margin": float(np.mean(h)),
-        "dpo_loss": float(np.mean(np.logaddexp(0.0, -beta * h))),  # -log sigmoid(x) = log(1 + e^-x)
-        "n_pairs": int(len(h)),
+        "pair_accuracy": float(rewards["rewards/accuracy_delta"]),
+        "pair_ties": float((margins == 0).double().mean()),
+        "margin": float(margins.mean()),
+        "dpo_loss": float(compute_pair_losses(margins, beta).mean()),
+        "n_pairs": n_pairs,
     }
 
 

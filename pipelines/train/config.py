@@ -110,12 +110,6 @@ class TrainStageConfig:
 # [1] Building the config -------------------------------------------------------------------------
 
 
-def _objective_registry():
-    import robust_objectives
-
-    return robust_objectives
-
-
 def resolve_objective_config(values: Mapping[str, Any] | None) -> ObjectiveConfig:
     """Build the objective section: `name` plus that objective's hyperparameters, strictly.
 
@@ -127,40 +121,38 @@ def resolve_objective_config(values: Mapping[str, Any] | None) -> ObjectiveConfi
         the default's type).
 
     Raises:
-        UserError: missing or unknown name, or a hyperparameter the objective does not take (the
-            message names the valid ones).
+        UserError: missing or unknown name, a hyperparameter the objective does not take (the
+            message names the valid ones), or a value out of range. The registry makes the checks
+            (get_objective, validate_hyperparameters); this only re-words them with the key.
     """
+    import robust_objectives as ro  # torch, which `robust-dpo train --help` need not load
+
     values = dict(values or {})
     if "hyperparameters" in values and isinstance(values["hyperparameters"], Mapping):
         values = {**values.pop("hyperparameters"), **values}  # accept asdict()'s nested form too
-    registry = _objective_registry()
     name = values.pop("name", None)
     if name is None:
-        raise UserError(
-            f"config key 'objective.name' is required; valid names: {', '.join(sorted(registry.OBJECTIVES))}"
-        )
-    if name not in registry.OBJECTIVES:
-        raise UserError(
-            f"config key 'objective.name': unknown objective {name!r}; valid names: "
-            f"{', '.join(sorted(registry.OBJECTIVES))}"
-        )
-    defaults = dict(registry.objective_hyperparameters(name))
-    unknown = sorted(set(values) - set(defaults))
-    if unknown:
-        raise UserError(
-            f"config key 'objective.{unknown[0]}': objective {name!r} has no hyperparameter "
-            f"{unknown[0]!r}; valid: {', '.join(sorted(defaults)) or '(none)'}"
-        )
-    resolved = {}
-    for key, default in defaults.items():
-        value = values.get(key, default)
-        if key in values and default is not None:
-            value = config_lib._coerce(value, type(default), f"objective.{key}")
-        resolved[key] = value
+        raise UserError(f"config key 'objective.name' is required; valid names: {', '.join(sorted(ro.OBJECTIVES))}")
     try:
-        registry.validate_hyperparameters(name, resolved)
-    except ValueError as exc:
-        raise UserError(f"config key 'objective': {exc}") from None
+        defaults = ro.objective_hyperparameters(name)
+        coerced = {
+            key: config_lib._coerce(value, type(defaults[key]), f"objective.{key}")
+            if defaults.get(key) is not None else value
+            for key, value in values.items()
+        }
+        resolved = ro.validate_hyperparameters(name, coerced)
+    except ro.UnknownObjectiveError as error:
+        raise UserError(
+            f"config key 'objective.name': unknown objective {error.name!r}; valid names: {', '.join(error.valid)}"
+        ) from error
+    except ro.UnknownHyperparameterError as error:
+        key = error.unknown[0]
+        raise UserError(
+            f"config key 'objective.{key}': objective {name!r} has no hyperparameter {key!r}; "
+            f"valid: {', '.join(error.valid) or '(none)'}"
+        ) from error
+    except ValueError as error:
+        raise UserError(f"config key 'objective': {error}") from error
     return ObjectiveConfig(name=name, hyperparameters=resolved)
 
 
@@ -247,19 +239,21 @@ def check_train_config(cfg: TrainStageConfig) -> None:
             f"config key 'model.attn_implementation': {cfg.model.attn_implementation!r} is not one of "
             "auto, eager, sdpa, flash_attention_2, flex_attention"
         )
-    registry = _objective_registry()
+    import robust_objectives as ro
+
     name = cfg.objective.name
-    if cfg.reference.mode == "precomputed" and name in registry.TOKEN_LEVEL:
+    spec = ro.get_spec(name)
+    if cfg.reference.mode == "precomputed" and spec.token_level:
         raise UserError(
             f"objective {name!r} is token-level: it needs the reference's full-vocabulary distribution at "
             "every response position, which is not stored by the precompute; use reference.mode=live"
         )
-    if name in registry.NEEDS_EMBEDDINGS and cfg.model.attn_implementation not in ("auto", "eager"):
+    if spec.needs_embeddings and cfg.model.attn_implementation not in ("auto", "eager"):
         raise UserError(
             f"objective {name!r} differentiates twice through attention; model.attn_implementation="
             f"{cfg.model.attn_implementation!r} has no double backward, use 'eager' (or 'auto')"
         )
-    if name in registry.NEEDS_EMBEDDINGS and t.strategy == "fsdp":
+    if spec.needs_embeddings and t.strategy == "fsdp":
         raise UserError(
             f"objective {name!r} needs a double backward through the input embeddings, which FSDP's "
             "sharded parameters do not support here; use train.strategy=ddp"
@@ -279,9 +273,11 @@ def attention_implementation(cfg: TrainStageConfig) -> str:
     for_cpu_backward is not implemented"), so objectives that need input embeddings get the eager
     (matmul + softmax) path; everything else gets SDPA.
     """
+    import robust_objectives as ro
+
     if cfg.model.attn_implementation != "auto":
         return cfg.model.attn_implementation
-    return "eager" if cfg.objective.name in _objective_registry().NEEDS_EMBEDDINGS else "sdpa"
+    return "eager" if ro.get_spec(cfg.objective.name).needs_embeddings else "sdpa"
 
 
 # [3] Checks against the data and the model (driver side, before workers start) -----------------
@@ -318,13 +314,15 @@ def count_split(directory: Path) -> tuple[int, tuple[str, ...]]:
 
 def inspect_dataset(cfg: TrainStageConfig) -> DatasetInfo:
     """Check `data.path` is a robust-dpo dataset fit for the objective; count its rows."""
+    import robust_objectives as ro
+
     manifest = schema.read_manifest(cfg.data.path)
-    registry = _objective_registry()
     name = cfg.objective.name
+    spec = ro.get_spec(name)
     fmt = manifest.get("format")
-    if name in registry.LISTWISE and fmt != "listwise":
+    if spec.listwise and fmt != "listwise":
         raise UserError(f"objective {name!r} is listwise but dataset '{cfg.data.path}' has format {fmt!r}")
-    if name not in registry.LISTWISE and fmt != "pairs":
+    if not spec.listwise and fmt != "pairs":
         raise UserError(
             f"objective {name!r} takes pairs but dataset '{cfg.data.path}' has format {fmt!r}; "
             "use dpo_pl or dora_pl for listwise data"
@@ -334,7 +332,7 @@ def inspect_dataset(cfg: TrainStageConfig) -> DatasetInfo:
     missing = [c for c in needed if c not in columns]
     if missing:
         raise UserError(f"dataset '{cfg.data.path}' split '{cfg.data.train_split}' lacks column(s) {missing}")
-    if needs_calibration(name) and "calibration" not in columns:
+    if spec.needs_calibration and "calibration" not in columns:
         raise UserError(
             f"objective {name!r} needs a 'calibration' column (DoRA's h~); dataset '{cfg.data.path}' has none"
         )
@@ -357,33 +355,6 @@ def inspect_dataset(cfg: TrainStageConfig) -> DatasetInfo:
         path=str(cfg.data.path), format=fmt, train_rows=train_rows, eval_split=eval_split,
         eval_rows=eval_rows, columns=columns, manifest=manifest,
     )
-
-
-def needs_calibration(name: str) -> bool:
-    """Whether objective `name` reads DoRA's calibration field.
-
-    Uses robust_objectives.NEEDS_CALIBRATION when the registry exports it; otherwise asks the
-    objective itself: a two-pair call without calibration raises ValueError naming the field.
-    """
-    import torch
-
-    registry = _objective_registry()
-    if hasattr(registry, "NEEDS_CALIBRATION"):
-        return name in registry.NEEDS_CALIBRATION
-    if name in registry.TOKEN_LEVEL or name in registry.NEEDS_EMBEDDINGS:
-        return False
-    zeros = torch.zeros(2)
-    if name in registry.LISTWISE:
-        grid = torch.zeros(2, 2)
-        inputs = registry.ListwiseLogps(policy_logps=grid, reference_logps=grid, scores=torch.tensor([[1.0, 0.0]] * 2))
-    else:
-        inputs = registry.PreferenceLogps(zeros, zeros, zeros, zeros, chosen_lengths=torch.ones(2),
-                                          rejected_lengths=torch.ones(2))
-    try:
-        registry.get_objective(name)(inputs, **registry.objective_hyperparameters(name))
-    except ValueError as exc:
-        return "calibration" in str(exc)
-    return False
 
 
 def check_model(cfg: TrainStageConfig) -> None:

@@ -110,11 +110,11 @@ def build_step_context(cfg: TrainStageConfig, *, rank: int = 0, world_size: int 
 
     from pipelines.train import step as step_lib
 
-    name = cfg.objective.name
+    spec = ro.get_spec(cfg.objective.name)  # the capability table: what the objective needs
     return step_lib.StepContext(
-        objective=ro.get_objective(name), hyperparameters=dict(cfg.objective.hyperparameters),
-        listwise=name in ro.LISTWISE, needs_vocab=name in ro.TOKEN_LEVEL,
-        needs_embeddings=name in ro.NEEDS_EMBEDDINGS, batch_coupled=name in ro.BATCH_COUPLED,
+        objective=spec.fn, hyperparameters=dict(cfg.objective.hyperparameters),
+        listwise=spec.listwise, needs_vocab=spec.token_level,
+        needs_embeddings=spec.needs_embeddings, batch_coupled=spec.batch_coupled,
         live_reference=cfg.reference.mode == "live", precision=cfg.train.precision,
         max_grad_norm=cfg.train.max_grad_norm, global_accumulation=cfg.train.global_accumulation,
         world_size=world_size, rank=rank, seed=cfg.train.seed, sync_gradients=cfg.train.strategy == "ddp",

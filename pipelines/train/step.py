@@ -14,8 +14,10 @@ What is global (STYLE.md G8: decided once, here):
   loss then has the whole step's value, and its gradients averaged over W x A contributors are the
   whole step's gradient (robust_objectives/global_batch.py).  Cost: one extra policy forward per
   micro-step, for coupled objectives only; each micro-step is seeded identically in both passes.
-- Metrics: per-pair means are weighted by pairs and summed over micro-steps and workers
-  (all-reduce) before anyone reports them, so rank 0's report is the global value.
+- Metrics: the objective's own `metrics` are the only definition of rewards/* (and of its method
+  statistics); the step adds only the loss, the policy's log-probs (logps/*) and token counts.
+  Per-pair means are weighted by pairs and summed over micro-steps and workers (all-reduce)
+  before anyone reports them, so rank 0's report is the global value.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+import robust_objectives as ro
 from pipelines import model as model_lib
 
 REWARD_KEYS = (
@@ -49,7 +52,7 @@ class StepContext:
     listwise: bool  # ListwiseLogps instead of PreferenceLogps
     needs_vocab: bool  # token-level objective
     needs_embeddings: bool  # WDPO
-    batch_coupled: bool  # pass `gather`
+    batch_coupled: bool  # pass `gather` (only coupled objectives take it)
     live_reference: bool  # False: reference log-probs come from batch columns
     precision: str = "fp32"
     max_grad_norm: float = 1.0
@@ -59,10 +62,6 @@ class StepContext:
     seed: int = 0
     sync_gradients: bool = True  # False under FSDP (it reduces gradients itself)
     uses_gather: Optional[bool] = field(default=None)  # learned on the first coupled step
-
-    @property
-    def beta(self) -> float:
-        return float(self.hyperparameters.get("beta", 1.0))
 
 
 # [1] Collectives -----------------------------------------------------------------------------
@@ -123,7 +122,7 @@ def compute_reference(policy, reference, batch, ctx: StepContext) -> Optional[mo
 
 
 def compute_objective(policy, batch, reference_logps, ctx: StepContext, gather, *, objective_grad: bool = True):
-    """Policy forward + objective on one collated micro-batch.
+    """Policy forward + objective on one collated micro-batch (`gather` goes to coupled objectives only).
 
     Returns:
         (ObjectiveOutput, inputs) where inputs is the PreferenceLogps / ListwiseLogps given to it.
@@ -133,39 +132,30 @@ def compute_objective(policy, batch, reference_logps, ctx: StepContext, gather, 
     )
     build = model_lib.build_listwise_logps if ctx.listwise else model_lib.build_preference_logps
     inputs = build(batch, policy_logps, reference_logps)
+    coupling = {"gather": gather} if ctx.batch_coupled else {}
     with torch.set_grad_enabled(objective_grad):
-        out = ctx.objective(inputs, **ctx.hyperparameters, gather=gather if ctx.batch_coupled else None)
+        out = ctx.objective(inputs, **ctx.hyperparameters, **coupling)
     return out, inputs
 
 
-def summarize_micro_batch(out, inputs, batch, ctx: StepContext) -> dict[str, float]:
-    """Per-micro-batch metric means: TRL's reward metrics (implicit reward beta (policy - ref)),
-    the loss, and the objective's own metrics (renamed objective/<key> if they collide).
+def summarize_micro_batch(out, inputs, ctx: StepContext) -> dict[str, float]:
+    """Per-micro-batch metric means: the objective's metrics (rewards/chosen, rewards/rejected,
+    rewards/margins, rewards/accuracies, rewards/accuracy_delta and its own statistics, defined
+    there once) plus what only the step sees: the loss and the policy's summed log-probs.
 
-    Listwise: "chosen" is the top-scored response of each list, "rejected" the bottom-scored one.
+    Listwise: logps/chosen is the top-scored response of each list, logps/rejected the bottom-scored
+    one, ranked by robust_objectives.rank_by_scores as the objective's reward metrics are.
     """
     with torch.no_grad():
         if ctx.listwise:
-            order = torch.argsort(inputs.scores, dim=-1, descending=True, stable=True)
-            policy = inputs.policy_logps.detach().float().gather(-1, order)
-            reference = inputs.reference_logps.float().gather(-1, order)
-            pc, pr, rc, rr = policy[:, 0], policy[:, -1], reference[:, 0], reference[:, -1]
+            ranked = ro.rank_by_scores(inputs.policy_logps.detach().float(), inputs.scores)
+            chosen, rejected = ranked[:, 0], ranked[:, -1]
         else:
-            pc, pr = inputs.policy_chosen_logps.detach().float(), inputs.policy_rejected_logps.detach().float()
-            rc, rr = inputs.reference_chosen_logps.float(), inputs.reference_rejected_logps.float()
-        chosen_rewards, rejected_rewards = ctx.beta * (pc - rc), ctx.beta * (pr - rr)
-        metrics = {
-            "loss": float(out.loss.detach()),
-            "rewards/chosen": float(chosen_rewards.mean()),
-            "rewards/rejected": float(rejected_rewards.mean()),
-            "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().mean()),
-            "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
-            "logps/chosen": float(pc.mean()),
-            "logps/rejected": float(pr.mean()),
-        }
-        for key, value in out.metrics.items():
-            name = f"objective/{key}" if key in metrics else key
-            metrics[name] = float(value.detach().float())
+            chosen, rejected = inputs.policy_chosen_logps.detach().float(), inputs.policy_rejected_logps.detach().float()
+        metrics = {key: float(value.detach().float()) for key, value in out.metrics.items()}
+        metrics["loss"] = float(out.loss.detach())
+        metrics["logps/chosen"] = float(chosen.mean())
+        metrics["logps/rejected"] = float(rejected.mean())
     return metrics
 
 
@@ -286,7 +276,7 @@ def train_step(policy, reference, optimizer, scheduler, micro_batches: Sequence[
         out, inputs = compute_objective(policy, batch, reference_logps, ctx, gather)
         (out.loss / accumulation).backward()
         tokens, positions = model_lib.count_tokens(batch)
-        sums.add(summarize_micro_batch(out, inputs, batch, ctx), pairs, tokens, positions)
+        sums.add(summarize_micro_batch(out, inputs, ctx), pairs, tokens, positions)
     if ctx.sync_gradients:
         all_reduce_gradients(trainable, ctx.world_size)
     max_norm = ctx.max_grad_norm if ctx.max_grad_norm > 0 else math.inf
@@ -309,7 +299,8 @@ def train_step(policy, reference, optimizer, scheduler, micro_batches: Sequence[
 def evaluate(policy, reference, batches: Iterable[Optional[Mapping[str, Any]]], ctx: StepContext) -> dict[str, float]:
     """Held-out metrics, prefixed eval/: eval/loss is the mean per-pair base loss (ObjectiveOutput
     .losses: per-pair, independent of the batch for the coupled objectives), eval/accuracy the
-    share of pairs whose implicit reward ranks chosen above rejected, and the reward metrics.
+    objective's rewards/accuracies (pairs whose implicit reward ranks chosen above rejected), and
+    the reward and log-prob metrics.
 
     Args:
         batches: this worker's collated eval micro-batches on the device (None = no rows here;
@@ -324,7 +315,7 @@ def evaluate(policy, reference, batches: Iterable[Optional[Mapping[str, Any]]], 
         reference_logps = compute_reference(policy, reference, batch, ctx)
         with torch.set_grad_enabled(ctx.needs_embeddings):
             out, inputs = compute_objective(policy, batch, reference_logps, ctx, None, objective_grad=False)
-        metrics = summarize_micro_batch(out, inputs, batch, ctx)
+        metrics = summarize_micro_batch(out, inputs, ctx)
         metrics["loss"] = float(out.losses.float().mean())
         metrics["accuracy"] = metrics["rewards/accuracies"]
         sums.add({k: metrics[k] for k in ("loss", "accuracy") + REWARD_KEYS}, batch["num_pairs"])

@@ -103,10 +103,11 @@ def test_gather_with_unequal_shards_is_rejected():
         get_objective("drdpo")(shard(slice(0, 4)), gather=lambda x: torch.cat([x, x[:2]]))
 
 
-def test_non_coupled_objectives_ignore_gather():
+def test_non_coupled_objectives_take_no_gather_and_pointwise_wdpo_ignores_it():
     leaf, shard = full_batch("dpo")
     inputs = shard(slice(0, 4))
-    plain = get_objective("dpo")(inputs)
-    gathered = get_objective("dpo")(inputs, gather=lambda x: pytest.fail("dpo must not gather"))
+    with pytest.raises(TypeError, match="gather"):
+        get_objective("dpo")(inputs, gather=lambda x: pytest.fail("dpo must not gather"))
+    plain = get_objective("wdpo")(inputs)
+    gathered = get_objective("wdpo")(inputs, gather=lambda x: pytest.fail("pointwise wdpo must not gather"))
     assert torch.equal(plain.loss, gathered.loss)
-    get_objective("wdpo")(inputs, gather=lambda x: pytest.fail("pointwise wdpo must not gather"))

@@ -9,9 +9,13 @@ import robust_objectives
 from robust_objectives import (
     BATCH_COUPLED,
     LISTWISE,
+    NEEDS_CALIBRATION,
     NEEDS_EMBEDDINGS,
     OBJECTIVES,
+    SPECS,
     TOKEN_LEVEL,
+    UnknownHyperparameterError,
+    UnknownObjectiveError,
     get_objective,
     objective_hyperparameters,
     validate_hyperparameters,
@@ -44,19 +48,43 @@ def test_names_hyperparameters_and_defaults_match_the_table():
 
 
 def test_capability_sets_are_subsets_of_the_registry():
-    for subset in (BATCH_COUPLED, TOKEN_LEVEL, LISTWISE, NEEDS_EMBEDDINGS):
+    for subset in (BATCH_COUPLED, TOKEN_LEVEL, LISTWISE, NEEDS_EMBEDDINGS, NEEDS_CALIBRATION):
         assert subset <= set(OBJECTIVES)
     assert LISTWISE == {"dpo_pl", "dora_pl"} and NEEDS_EMBEDDINGS == {"wdpo"}
     assert TOKEN_LEVEL == {"tdpo1", "tdpo2", "radpo1", "radpo2"}
     assert {"drdpo", "kldpo", "dora", "dora_pl"} <= BATCH_COUPLED
+    assert NEEDS_CALIBRATION == {"dora", "dora_pl"}
+    assert list(OBJECTIVES) == list(SPECS) and all(OBJECTIVES[n] is SPECS[n].fn for n in SPECS)
 
 
-def test_every_objective_accepts_gather_and_exports_are_public():
+def test_needs_calibration_matches_what_the_objective_reads():
+    """The table's flag agrees with the objective: without calibration it fails naming the field."""
+    import dataclasses
+
+    from objective_inputs import make_inputs
+
+    for name in OBJECTIVES:
+        inputs, _ = make_inputs(name)
+        if not hasattr(inputs, "calibration") or inputs.calibration is None:
+            continue
+        stripped = dataclasses.replace(inputs, calibration=None)
+        if name in NEEDS_CALIBRATION:
+            with pytest.raises(ValueError, match="calibration"):
+                get_objective(name)(stripped)
+        else:
+            get_objective(name)(stripped)
+
+
+def test_only_coupled_objectives_take_gather_and_exports_are_public():
     import inspect
 
     for name, fn in OBJECTIVES.items():
         parameters = inspect.signature(fn).parameters
-        assert parameters["gather"].default is None and parameters["gather"].kind is inspect.Parameter.KEYWORD_ONLY
+        if name in BATCH_COUPLED:
+            gather = parameters["gather"]
+            assert gather.default is None and gather.kind is inspect.Parameter.KEYWORD_ONLY, name
+        else:
+            assert "gather" not in parameters, name
         assert fn.__doc__ and "Args:" in fn.__doc__ and "Returns:" in fn.__doc__, name
         assert ("**Batch-coupled" in fn.__doc__) == (name in BATCH_COUPLED), name  # flagged (STYLE.md G9)
     for symbol in ("PreferenceLogps", "ListwiseLogps", "ObjectiveOutput"):
@@ -67,6 +95,21 @@ def test_unknown_objective_lists_the_sorted_names():
     with pytest.raises(ValueError) as error:
         get_objective("dpo2")
     assert "'dpo2'" in str(error.value) and ", ".join(sorted(OBJECTIVES)) in str(error.value)
+    assert isinstance(error.value, UnknownObjectiveError)
+    assert error.value.name == "dpo2" and error.value.valid == tuple(sorted(OBJECTIVES))
+    with pytest.raises(UnknownObjectiveError):
+        validate_hyperparameters("dpo2", {})
+
+
+def test_unknown_hyperparameter_carries_the_names_for_callers():
+    with pytest.raises(UnknownHyperparameterError) as error:
+        validate_hyperparameters("kldpo", {"tua": 1.0, "rho": 0.1})
+    assert (error.value.objective, error.value.unknown) == ("kldpo", ("rho", "tua"))
+    assert error.value.valid == ("beta", "max_weight", "normalize", "tau")
+    # Names only: a search space's values are not checked (a list is not a number).
+    assert validate_hyperparameters("kldpo", {"tau": [0.5, 1.0]}, check_values=False)["tau"] == [0.5, 1.0]
+    with pytest.raises(UnknownHyperparameterError):
+        validate_hyperparameters("kldpo", {"tua": [0.5]}, check_values=False)
 
 
 @pytest.mark.parametrize(
