@@ -134,7 +134,7 @@ def compute_reference_dataset(cfg: ReferenceStageConfig) -> Path:
     columns = {c: kind for c in _reference_columns(listwise)}
     roots = {split: schema.split_dir(cfg.data, split).resolve() for split in splits}
     try:
-        for (split, source), (_, values) in zip(files, row_order.rows_by_file(ds, len(files))):
+        for (split, source), values in zip(files, row_order.rows_by_file(ds, len(files))):
             table = row_order.put_back(pq.read_table(source), values, columns=columns, source=source,
                                        what="reference values")
             relative = Path(source).relative_to(roots[split])

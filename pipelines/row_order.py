@@ -130,43 +130,25 @@ def write_in_source_order(ds, directory: Path, *, rows_per_file: int, tie_break:
     return rows
 
 
-def rows_by_file(ds, num_files: int) -> Iterator[tuple[int, Any]]:
-    """(i, the rows of file i in row order, or None when none came back) for i = 0..num_files-1.
-
-    Streams: one file's rows at a time are held on the driver.
+def rows_by_file(ds, num_files: int) -> list[Any]:
+    """[the rows of file i in row order, or None when none came back, for i = 0..num_files-1]: the
+    reference stage's few values per row, all on the driver.
 
     Raises:
         RuntimeError: rows came back from a file index outside 0..num_files-1.
     """
-    groups = _file_groups(ds)
-    pending = next(groups, None)
-    for i in range(num_files):
-        if pending is not None and pending[0] == i:
-            yield pending
-            pending = next(groups, None)
-        else:
-            yield i, None
-    if pending is not None:
-        unknown = sorted({pending[0], *(index for index, _ in groups)})
-        raise RuntimeError(f"rows came back from unknown files {unknown}")
-
-
-def _file_groups(ds) -> Iterator[tuple[int, Any]]:
-    """(file index, its rows) for every file with rows, in file order, from the sorted stream."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    current, parts = None, []
-    for batch in in_source_order(ds):
-        column = batch.column(FILE_INDEX)
-        for index in pc.unique(column).to_pylist():  # ascending: the batch is sorted
-            if index != current:
-                if current is not None:
-                    yield current, pa.concat_tables(parts)
-                current, parts = index, []
-            parts.append(batch.filter(pc.equal(column, index)))
-    if current is not None:
-        yield current, pa.concat_tables(parts)
+    batches = list(in_source_order(ds))
+    if not batches:
+        return [None] * num_files
+    table = pa.concat_tables(batches)
+    found = set(pc.unique(table.column(FILE_INDEX)).to_pylist())
+    unknown = sorted(found - set(range(num_files)))
+    if unknown:
+        raise RuntimeError(f"rows came back from unknown files {unknown}")
+    return [table.filter(pc.equal(table.column(FILE_INDEX), i)) if i in found else None for i in range(num_files)]
 
 
 def put_back(table, values, *, columns: Mapping[str, Any], source: str, what: str = "values"):

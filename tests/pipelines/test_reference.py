@@ -126,7 +126,7 @@ def test_reference_values_go_back_by_address_and_a_missing_row_is_an_error(ray_s
                           "reference_rejected_logps": [-10.0, -20.0]})]
     source = tmp_path / "part.parquet"
     pq.write_table(pa.table({"row_id": ["a", "b", "c"]}), source)
-    by_file = dict(rows_by_file(ray.data.from_arrow(arrivals), num_files=2))
+    by_file = rows_by_file(ray.data.from_arrow(arrivals), num_files=2)
     assert by_file[1].column("reference_chosen_logps").to_pylist() == [-9.0]
     arrived = by_file[0]
     columns = {"reference_chosen_logps": pa.float64(), "reference_rejected_logps": pa.float64()}

@@ -34,11 +34,12 @@ def test_read_addresses_every_row_and_the_sorted_stream_restores_source_order(ra
     shuffled = ds.random_shuffle(seed=3)
     streamed = [v for b in row_order.in_source_order(shuffled, batch_size=2) for v in b.column("v").to_pylist()]
     assert streamed == [f"2:{r}" for r in range(3)] + [f"0:{r}" for r in range(5)]
-    by_file = list(row_order.rows_by_file(shuffled, num_files=3))
-    assert [i for i, _ in by_file] == [0, 1, 2] and by_file[1][1] is None
-    assert by_file[2][1].column("_row").to_pylist() == list(range(5))
+    by_file = row_order.rows_by_file(shuffled, num_files=3)
+    assert len(by_file) == 3 and by_file[1] is None
+    assert by_file[0].column("v").to_pylist() == [f"2:{r}" for r in range(3)]
+    assert by_file[2].column("_row").to_pylist() == list(range(5))
     with pytest.raises(RuntimeError, match=r"unknown files \[2\]"):
-        list(row_order.rows_by_file(shuffled, num_files=2))
+        row_order.rows_by_file(shuffled, num_files=2)
     assert list(row_order.in_source_order(ds.filter(lambda r: False))) == []
 
 
