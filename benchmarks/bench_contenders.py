@@ -182,7 +182,7 @@ def build_step_context(cfg, *, rank: int = 0, world_size: int = 1):
 
 
 def precompute_reference_columns(model, pairs: bs.PreferencePairs, cfg, device, pad: int) -> dict[str, np.ndarray]:
-    """The reference stage's columns, computed as ReferenceLogpsPredictor does (batches of
+    """The reference stage's columns, computed as its actor (model.PairLogps) does (batches of
     reference.batch_size pairs, compute_row_logps under no_grad, float64)."""
     from pipelines import model as model_lib
 

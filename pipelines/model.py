@@ -9,21 +9,31 @@ or the input-embedding tensor kept in the graph (WDPO's double backward).
 
 With LoRA (peft) the reference is the same module with its adapters disabled
 (`with model.disable_adapter()` under no_grad): no second copy of the weights.
+
+Every stage loads models here (`load_causal_lm`, which also merges a PEFT adapter dir; the config
+probe `load_model_config`; the device `pick_device`), and the reference and evaluate stages compute
+pair and list log-probs with one actor, `PairLogps`, over the same collation and forward as training.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from pipelines import schema
+from pipelines.errors import UserError
 from robust_objectives import ListwiseLogps, PreferenceLogps
 from robust_objectives import logps as logps_lib
 
 IGNORE_INDEX = logps_lib.IGNORE_INDEX
+ADAPTER_CONFIG = "adapter_config.json"  # marks a PEFT adapter dir
 
 
 # [1] Collation: rows of token ids -> one padded batch ------------------------------------------
@@ -125,13 +135,54 @@ def count_tokens(batch: Mapping[str, Any]) -> tuple[int, int]:
 # [2] Models ------------------------------------------------------------------------------------
 
 
-def load_causal_lm(path: str, *, attn_implementation: str, device: torch.device | str = "cpu"):
-    """`AutoModelForCausalLM.from_pretrained(path)` in fp32 on `device` (bf16 is autocast, not storage)."""
-    from transformers import AutoModelForCausalLM
+def pick_device(use_gpu: bool) -> torch.device:
+    """The device a stage's actor computes on: CUDA when asked for and present, else the CPU."""
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def _adapter_base(path: str) -> str | None:
+    """The base model a PEFT adapter dir was trained from, or None when `path` is not one."""
+    adapter = Path(path) / ADAPTER_CONFIG
+    if not adapter.is_file():
+        return None
+    return json.loads(adapter.read_text()).get("base_model_name_or_path") or None
+
+
+def load_model_config(path: str, what: str):
+    """The `AutoConfig` of a model dir, hub name or PEFT adapter dir (its base model's config), without
+    loading weights: the cheap check every stage runs before Ray starts.
+
+    Args:
+        path: what `load_causal_lm` (or from_pretrained) would load.
+        what: how the user named it, leading the error message (a flag or a config key).
+
+    Raises:
+        UserError: `<what>: cannot load a model config from '<path>' (<first line of the cause>)`.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(_adapter_base(path) or path)
+    except Exception as exc:  # noqa: BLE001 - any load failure (missing, malformed, unknown type) is the path's
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{what}: cannot load a model config from '{path}' ({first})") from exc
+
+
+def load_causal_lm(path: str, *, attn_implementation: str = "sdpa", device: torch.device | str = "cpu"):
+    """A causal LM in fp32 on `device` (bf16 is autocast, not storage): a model dir or hub name, or a
+    PEFT adapter dir merged into its base model (what a LoRA run without merging leaves behind)."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # one bar per load, per worker, is noise in the run's log
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+    hf_logging.disable_progress_bar()  # one bar per load, per worker or actor, is noise in the run's log
+    kwargs = dict(dtype=torch.float32, attn_implementation=attn_implementation)
+    if _adapter_base(path) is not None:
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs).merge_and_unload()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model.to(device)
 
 
@@ -315,3 +366,69 @@ def build_listwise_logps(batch: Mapping[str, Any], policy: RowLogps, reference: 
 def move_batch(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
     """Tensors to `device`; ints stay."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# [5] The pair log-prob actor of the reference and evaluate stages -------------------------------
+
+
+class PairLogps:
+    """`map_batches` callable class: summed response log-probs of every row under one or more models.
+
+    Pairs get `<prefix>_chosen_logps` / `<prefix>_rejected_logps` (float64), lists `<prefix>_logps`
+    (one float64 per response), per (prefix, model path): the reference stage's prefix "reference"
+    gives the schema's reference columns; evaluate holds the reference and several checkpoints in one
+    actor, so its pairs stream through one pool instead of one per model (an actor start costs
+    seconds).  Each `batch_size` pairs (or lists) are collated once (collate_pairs / collate_lists)
+    and take one concatenated forward per model (compute_row_logps, fp32 log-probs under `precision`).
+    """
+
+    def __init__(self, *, models: Sequence[tuple[str, str]], listwise: bool = False, batch_size: int = 16,
+                 precision: str = "fp32", attn_implementation: str = "sdpa", use_gpu: bool = False,
+                 keep: Optional[Sequence[str]] = None) -> None:
+        """Args:
+            models: (column prefix, model path) pairs; the first model's pad id pads every batch.
+            listwise: rows are lists (prompt_input_ids, responses_input_ids) instead of pairs.
+            batch_size: pairs (or lists) per forward.
+            precision: "fp32" or "bf16" (autocast).
+            attn_implementation: attention kernel the models are loaded with.
+            use_gpu: compute on CUDA when the actor has a GPU.
+            keep: input columns returned with the log-prob columns; None = every input column.
+        """
+        self.device = pick_device(use_gpu)
+        self.models = []
+        for prefix, path in models:
+            model = load_causal_lm(path, attn_implementation=attn_implementation, device=self.device).eval()
+            self.models.append((prefix, model.requires_grad_(False)))
+        self.pad = pad_token_id_of(self.models[0][1])
+        self.listwise, self.batch_size, self.precision = listwise, batch_size, precision
+        self.keep = None if keep is None else list(keep)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        """Args: table: pyarrow batch with the token columns (schema.PAIR_TOKEN_COLUMNS or
+        LIST_TOKEN_COLUMNS).  Returns: the `keep` columns plus the log-prob columns, row for row."""
+        token_columns = schema.LIST_TOKEN_COLUMNS if self.listwise else schema.PAIR_TOKEN_COLUMNS
+        rows = {c: table.column(c).to_pylist() for c in token_columns}
+        values: dict[str, list] = {}
+        for start in range(0, table.num_rows, self.batch_size):
+            chunk = {c: v[start: start + self.batch_size] for c, v in rows.items()}
+            collate = collate_lists if self.listwise else collate_pairs
+            batch = move_batch(collate(chunk, self.pad), self.device)
+            for prefix, model in self.models:
+                with torch.no_grad():
+                    logps = compute_row_logps(model, batch, precision=self.precision).logps.double().cpu()
+                b = batch["num_pairs"]
+                if self.listwise:
+                    values.setdefault(f"{prefix}_logps", []).extend(logps.reshape(b, batch["list_size"]).tolist())
+                else:
+                    values.setdefault(f"{prefix}_chosen_logps", []).extend(logps[:b].tolist())
+                    values.setdefault(f"{prefix}_rejected_logps", []).extend(logps[b:].tolist())
+        out = table if self.keep is None else table.select(self.keep)
+        kind = pa.list_(pa.float64()) if self.listwise else pa.float64()
+        for name in self.columns():
+            out = out.append_column(name, pa.array(values.get(name, []), type=kind))
+        return out
+
+    def columns(self) -> list[str]:
+        """The log-prob columns this actor adds, in order."""
+        sides = ("",) if self.listwise else ("_chosen", "_rejected")
+        return [f"{prefix}{side}_logps" for prefix, _ in self.models for side in sides]

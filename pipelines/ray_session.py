@@ -43,7 +43,7 @@ def preserve_order() -> Iterator[None]:
     Blocks then leave each operator in input order, which keeps error lines in file order and the
     first N rows the first N.  It is not a row-order guarantee through every operator (an actor
     pool feeding a write has been seen to swap blocks): stages that must put values back on their
-    rows carry the row's address instead (reference.py)."""
+    rows carry the row's address instead (row_order.py)."""
     from ray.data import DataContext
 
     options = DataContext.get_current().execution_options
@@ -52,3 +52,11 @@ def preserve_order() -> Iterator[None]:
         yield
     finally:
         options.preserve_order = previous
+
+
+def actor_pool(concurrency: int, *, gpu: bool = False) -> dict:
+    """`map_batches` keyword arguments for a callable class on a fixed pool of `concurrency` actors,
+    each holding one CPU, and one GPU with `gpu`: the one way every stage sizes its actor pools."""
+    from ray.data import ActorPoolStrategy
+
+    return {"compute": ActorPoolStrategy(size=concurrency), "num_cpus": 1, "num_gpus": 1 if gpu else 0}

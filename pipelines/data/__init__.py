@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -27,8 +29,9 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from pipelines import config as config_lib
-from pipelines import schema
+from pipelines import row_order, schema
 from pipelines.errors import UserError
+from pipelines.ray_session import actor_pool, ensure_ray, preserve_order
 from pipelines.data.formats import (
     FILE_SUFFIXES, INPUT_FORMATS, RowError, detect_format, iter_file_records, output_columns, output_format,
     parse_record, prepare_rows, prepared_schema,
@@ -36,7 +39,6 @@ from pipelines.data.formats import (
 
 MAX_ERROR_LINES = 20
 ROWS_PER_FILE = 50_000  # rows per written parquet file
-ORDER_COLUMNS = ("_file_index", "_row")  # carried from the read to the write, then dropped
 # A folder's files become splits named by the first word of their stem (train-00000-of-00001.parquet
 # -> train), when every file is so named; otherwise everything is "train".
 SPLIT_WORDS = ("train", "eval", "test", "validation")
@@ -58,7 +60,7 @@ class DataConfig:
     eval_fraction: float = 0.0  # [0, 1): seeded hash holdout of a single-split source into "eval"
     seed: int = 0  # seeds the holdout and every shift
     split: str | None = None  # keep only this split (e.g. "train"); None = every split found
-    num_actors: int = 2  # tokenizer actors in the map_batches pool; 1..#CPUs
+    concurrency: int = 2  # tokenizer actors in the map_batches pool; 1..#CPUs
     batch_size: int = 256  # rows per map_batches call; 16..4096
 
     def __post_init__(self):
@@ -68,8 +70,8 @@ class DataConfig:
             raise ValueError(f"max_prompt_length must be in [1, max_length), got {self.max_prompt_length}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.num_actors < 1 or self.batch_size < 1:
-            raise ValueError("num_actors and batch_size must be >= 1")
+        if self.concurrency < 1 or self.batch_size < 1:
+            raise ValueError("concurrency and batch_size must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -111,19 +113,14 @@ def prepare_data(cfg: DataConfig) -> DataResult:
     for stale in (schema.MANIFEST_FILE, "rejected_rows.jsonl"):  # a failed rerun must not look like a dataset
         (out / stale).unlink(missing_ok=True)
 
-    import ray
-
-    from pipelines.ray_session import ensure_ray, preserve_order
-
     ensure_ray()
     with preserve_order():
-        raw = {name: read_raw(source, files) for name, files in splits.items()}  # [2] (file, row, record)
+        raw = {name: read_raw(source, files) for name, files in splits.items()}  # [2] (file, row, record) + address
         input_format = cfg.format if cfg.format != "auto" else _detect(raw, cfg.dataset)
         fmt = output_format(input_format)
         prepared = {  # [3] normalise + validate + tokenise, once, in an actor pool
             name: ds.map_batches(
-                PrepareRows, batch_format="pyarrow", batch_size=cfg.batch_size,
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
+                PrepareRows, batch_format="pyarrow", batch_size=cfg.batch_size, **actor_pool(cfg.concurrency),
                 fn_constructor_kwargs=dict(tokenizer_path=cfg.tokenizer, input_format=input_format,
                                            max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length),
             ).materialize()
@@ -141,8 +138,7 @@ def prepare_data(cfg: DataConfig) -> DataResult:
             )
         extra_columns = _merge_extra_columns(summary, fmt)
         valid = {name: ds.map_batches(_finalize_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
-                                      fn_kwargs={"extra_columns": extra_columns, "fmt": fmt,
-                                                 "file_order": {source.display[f]: i for i, f in enumerate(splits[name])}})
+                                      fn_kwargs={"extra_columns": extra_columns, "fmt": fmt})
                  for name, ds in prepared.items()}
         if cfg.eval_fraction > 0:  # [5] seeded holdout
             valid = _hold_out(valid["train"], cfg.eval_fraction, cfg.seed)
@@ -209,8 +205,6 @@ def _data_files(folder: Path) -> list[Path]:
 
 def _split_word(path: str) -> str | None:
     """'train' for .../train-00000-of-00001.parquet or .../train/0000.parquet, else None."""
-    import re
-
     p = Path(path)
     for name in (p.stem, p.parent.name):
         word = re.split(r"[^A-Za-z]+", name.lower())[0]
@@ -249,37 +243,26 @@ def _resolve_hub(dataset: str) -> Source:
 
 
 def read_raw(source: Source, files: list[str]):
-    """A Ray Dataset of `{file, row, record, read_error}`, one row per record, in file order."""
-    import ray
+    """A Ray Dataset of `{file, row, record, read_error}` + the row's address (row_order.py), one row
+    per record, files in the given order."""
+    return row_order.read_addressed(files, functools.partial(_read_records, display=source.display),
+                                    filesystem=source.filesystem)
 
-    return ray.data.read_datasource(_preference_files_datasource()(files, filesystem=source.filesystem,
-                                                                     display=source.display))
 
-
-def _preference_files_datasource():
-    # Built lazily so `robust-dpo data --help` does not import Ray; cloudpickle ships the class.
+def _read_records(stream, path: str, *, display: dict[str, str]):
+    """`read_file` for row_order.read_addressed: .jsonl/.json/.parquet records with each row's file
+    (its display name) and 0-based index (formats.iter_file_records)."""
     import pyarrow as pa
-    from ray.data.datasource import FileBasedDatasource
 
     raw_schema = pa.schema([("file", pa.string()), ("row", pa.int64()), ("record", pa.string()),
                             ("read_error", pa.string())])
-
-    class PreferenceFiles(FileBasedDatasource):
-        """Reads .jsonl/.json/.parquet files keeping each row's file and 0-based index (formats.py)."""
-
-        def __init__(self, paths, *, display: dict[str, str], **kwargs):
-            super().__init__(paths, **kwargs)
-            self._display = display
-
-        def _read_stream(self, f, path: str):
-            for chunk in iter_file_records(f, self._display.get(path, path), Path(path).suffix.lower()):
-                yield pa.Table.from_pylist(chunk, schema=raw_schema)
-
-    return PreferenceFiles
+    for chunk in iter_file_records(stream, display.get(path, path), Path(path).suffix.lower()):
+        yield pa.Table.from_pylist(chunk, schema=raw_schema)
 
 
 class PrepareRows:
-    """The map_batches actor: loads the tokenizer once, then runs `formats.prepare_rows` per batch."""
+    """The map_batches actor: loads the tokenizer once, then runs `formats.prepare_rows` per batch
+    (one output row per input row, so each row keeps its address columns)."""
 
     def __init__(self, *, tokenizer_path: str, input_format: str, max_length: int, max_prompt_length: int | None):
         self.tokenizer = _load_tokenizer(tokenizer_path)
@@ -289,8 +272,11 @@ class PrepareRows:
     def __call__(self, table):
         import pyarrow as pa
 
-        out = prepare_rows(table.to_pydict(), tokenizer=self.tokenizer, **self.kwargs)
-        return pa.Table.from_pydict(out, schema=self.schema)
+        out = pa.Table.from_pydict(prepare_rows(table.to_pydict(), tokenizer=self.tokenizer, **self.kwargs),
+                                   schema=self.schema)
+        for name in row_order.ADDRESS_COLUMNS:
+            out = out.append_column(name, table.column(name))
+        return out
 
 
 # --- steps ---------------------------------------------------------------------------------------
@@ -318,35 +304,35 @@ def _detect(raw: dict, dataset: str) -> str:
 
 
 def _summarize(ds) -> dict[str, Any]:
-    """Per-split counts by error code, truncation, and the optional columns seen (one cheap pass)."""
-    parts = ds.map_batches(_summarize_batch, batch_format="pyarrow", batch_size=4096).take_all()
-    codes: dict[str, int] = {}
-    extras: dict[str, str] = {}
-    ignored: set[str] = set()
-    truncated = 0
-    for part in parts:
-        for code, n in json.loads(part["codes"]).items():
-            codes[code] = codes.get(code, 0) + n
-        extras.update(json.loads(part["extras"]))
-        ignored.update(json.loads(part["ignored"]))
-        truncated += part["truncated"]
-    return {"codes": codes, "extras": extras, "ignored": sorted(ignored), "truncated": truncated}
+    """Per-split counts by error code, truncated rows, and the optional and ignored keys seen: Ray
+    Data's own aggregates over one cheap per-row projection.
+
+    Returns:
+        codes: {error_code: rows} ("" = valid); truncated: rows; extras / ignored: sorted key names.
+    """
+    from ray.data.aggregate import Sum, Unique, ValueCounter
+
+    found = ds.map_batches(_summary_columns, batch_format="pyarrow").aggregate(
+        ValueCounter(on="error_code", alias_name="codes"), Sum(on="truncated", alias_name="truncated"),
+        Unique(on="extras", encode_lists=True, alias_name="extras"),
+        Unique(on="ignored", encode_lists=True, alias_name="ignored"))
+    codes = found["codes"] or {"values": [], "counts": []}  # None when the split has no rows
+    return {"codes": {code: int(n) for code, n in zip(codes["values"], codes["counts"])},
+            "extras": sorted(found["extras"] or []), "ignored": sorted(found["ignored"] or []),
+            "truncated": int(found["truncated"] or 0)}
 
 
-def _summarize_batch(table):
+def _summary_columns(table):
+    """Per row: error_code, truncated, and the key names of its `extras` JSON and `ignored` list."""
     import pyarrow as pa
 
-    codes: dict[str, int] = {}
-    for code in table.column("error_code").to_pylist():
-        codes[code] = codes.get(code, 0) + 1
-    extras: dict[str, str] = {}
-    for text in table.column("extras").to_pylist():
-        for key, value in json.loads(text).items():
-            extras.setdefault(key, type(value).__name__)
-    ignored = sorted({k for s in table.column("ignored").to_pylist() if s for k in s.split(",")})
-    truncated = sum(bool(t) for t in table.column("truncated").to_pylist())
-    return pa.table({"codes": [json.dumps(codes)], "extras": [json.dumps(extras)],
-                     "ignored": [json.dumps(ignored)], "truncated": [truncated]})
+    keys = pa.list_(pa.string())
+    return pa.table({
+        "error_code": table.column("error_code"),
+        "truncated": table.column("truncated"),
+        "extras": pa.array([list(json.loads(text)) for text in table.column("extras").to_pylist()], keys),
+        "ignored": pa.array([s.split(",") if s else [] for s in table.column("ignored").to_pylist()], keys),
+    })
 
 
 def _stats(summary: dict[str, dict], input_format: str, fmt: str) -> dict[str, Any]:
@@ -415,9 +401,9 @@ def _merge_extra_columns(summary: dict[str, dict], fmt: str) -> dict[str, str]:
     return kinds
 
 
-def _finalize_batch(table, *, extra_columns: dict[str, str], fmt: str, file_order: dict[str, int]):
-    """Keep valid rows; expand the validated `extras` JSON into typed pass-through columns; add each
-    row's ORDER_COLUMNS (its file's index in the split, its row in the file) for the write."""
+def _finalize_batch(table, *, extra_columns: dict[str, str], fmt: str):
+    """Keep valid rows; expand the validated `extras` JSON into typed pass-through columns; keep each
+    row's address (row_order.ADDRESS_COLUMNS) for the write."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -427,11 +413,8 @@ def _finalize_batch(table, *, extra_columns: dict[str, str], fmt: str, file_orde
     columns = {name: table.column(name) for name in ["row_id", *output_columns(fmt)]}
     for name, kind in extra_columns.items():
         columns[name] = pa.array([e.get(name) for e in extras], type=types[kind])
-    # a file name the read reported differently (remote filesystems) sorts last, then by row and row_id
-    last = len(file_order)
-    columns[ORDER_COLUMNS[0]] = pa.array([file_order.get(f, last) for f in table.column("file").to_pylist()],
-                                         pa.int64())
-    columns[ORDER_COLUMNS[1]] = table.column("row")
+    for name in row_order.ADDRESS_COLUMNS:
+        columns[name] = table.column(name)
     return pa.table(columns)
 
 
@@ -452,28 +435,12 @@ def _write_split(ds, directory: Path) -> int:
     """Write the split's rows in source order (file, row, then row_id for resampled copies) as
     part-NNNNN.parquet files of at most ROWS_PER_FILE rows; return the number of rows.
 
-    Ray Data does not keep row order through actor pools and writes even with preserve_order, and
-    the train stage's step s is a function of row order, so the order is made explicit: a sort on
-    ORDER_COLUMNS, then the driver streams the sorted batches to disk (checking the order as it goes)."""
-    import pyarrow.parquet as pq
-
+    The train stage's step s is a function of row order, and Ray Data does not keep it through
+    actor pools and writes, so the rows' addresses from the read decide it (row_order.py)."""
     if directory.exists():
         shutil.rmtree(directory)  # a rerun replaces the split instead of mixing old and new files
     directory.mkdir(parents=True)  # an empty split still gets its folder
-    ds = ds.materialize()
-    if ds.count() == 0:
-        return 0
-    keys, last, rows = [*ORDER_COLUMNS, "row_id"], None, 0
-    batches = ds.sort(keys).iter_batches(batch_size=ROWS_PER_FILE, batch_format="pyarrow")
-    for index, batch in enumerate(batches):
-        order = list(zip(*(batch.column(k).to_pylist() for k in keys)))
-        for a, b in zip([last] + order, order):
-            if a is not None and b < a:
-                raise RuntimeError(f"data stage: sorted rows came back out of order: {b} after {a}")
-        last = order[-1]
-        pq.write_table(batch.drop_columns(list(ORDER_COLUMNS)), directory / f"part-{index:05d}.parquet")
-        rows += batch.num_rows
-    return rows
+    return row_order.write_in_source_order(ds, directory, rows_per_file=ROWS_PER_FILE, tie_break=("row_id",))
 
 
 def _fingerprint(source: Source, splits: dict[str, list[str]], cfg: DataConfig) -> str:
@@ -489,7 +456,7 @@ def _fingerprint(source: Source, splits: dict[str, list[str]], cfg: DataConfig) 
         for p in sorted(tok.iterdir()):
             if p.is_file() and ("token" in p.name or p.suffix in (".model", ".txt", ".jinja")):
                 h.update(p.name.encode() + b"\0" + p.read_bytes())
-    keys = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "num_actors", "batch_size")}
+    keys = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "concurrency", "batch_size")}
     h.update(json.dumps(keys, sort_keys=True, default=list).encode())
     return h.hexdigest()
 

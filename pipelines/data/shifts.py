@@ -457,33 +457,32 @@ def _plan(ds, spec: ShiftSpec, names: list[str], listwise: bool, seed: int, tag:
 
 
 def count_keys(ds, column: str, key_map: Mapping[str, str] | None) -> dict[str, int]:
-    """Rows per key of `column` over the whole dataset (a small aggregation pass)."""
-    import collections
-    import json
+    """Rows per key of `column` over the whole dataset (Ray Data's ValueCounter, then `_key`)."""
+    from ray.data.aggregate import ValueCounter
 
-    def batch_counts(table):
-        c = collections.Counter(_key(v, key_map) for v in table.column(column).to_pylist())
-        return {"counts": [json.dumps(c)]}
-
-    total: collections.Counter = collections.Counter()
-    for row in ds.select_columns([column]).map_batches(batch_counts, batch_format="pyarrow").take_all():
-        total.update(json.loads(row["counts"]))
-    return dict(total)
+    found = ds.aggregate(ValueCounter(on=column, alias_name="counts"))["counts"] or {"values": [], "counts": []}
+    counts: dict[str, int] = {}
+    for value, n in zip(found["values"], found["counts"]):  # null is a value here (key "")
+        key = _key(value, key_map)
+        counts[key] = counts.get(key, 0) + int(n)
+    return counts
 
 
 def min_value(ds, columns: list[str]) -> float:
-    """The smallest non-null value over numeric (or list-of-numeric) `columns` (inf when none)."""
-    import pyarrow.compute as pc
+    """The smallest non-null value over numeric (or list-of-numeric) `columns` (inf when none):
+    every value as one row of a `value` column, then Ray Data's Dataset.min."""
+    values = ds.select_columns(columns).map_batches(_values, batch_format="pyarrow", fn_kwargs={"columns": columns})
+    low = values.min("value")
+    return math.inf if low is None else low
+
+
+def _values(table, *, columns: list[str]):
+    """The values of `columns` (list columns flattened) as one float64 column `value`."""
+    import pyarrow as pa
     import pyarrow.types as pat
 
-    def batch_min(table):
-        lows = []
-        for name in columns:
-            col = table.column(name).combine_chunks()
-            col = col.flatten() if pat.is_list(col.type) else col
-            low = pc.min(col).as_py()
-            lows.append(math.inf if low is None else low)
-        return {"low": [min(lows, default=math.inf)]}
-
-    rows = ds.select_columns(columns).map_batches(batch_min, batch_format="pyarrow").take_all()
-    return min((r["low"] for r in rows), default=math.inf)
+    parts = []
+    for name in columns:
+        col = table.column(name).combine_chunks()
+        parts.append((col.flatten() if pat.is_list(col.type) else col).cast(pa.float64()))
+    return pa.table({"value": pa.concat_arrays(parts) if parts else pa.array([], pa.float64())})

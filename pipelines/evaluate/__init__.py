@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,10 +38,12 @@ import pandas as pd
 import torch
 
 from pipelines import config as config_lib
+from pipelines import model as model_lib
 from pipelines import schema
 from pipelines.data import shifts
 from pipelines.errors import UserError
-from pipelines.evaluate.generation import ResponseLogps, SampleResponses
+from pipelines.evaluate.generation import SampleResponses
+from pipelines.ray_session import actor_pool
 from robust_objectives import PreferenceLogps
 from robust_objectives.dpo import compute_log_ratios, compute_pair_losses, summarize_rewards
 
@@ -105,19 +106,6 @@ def parse_checkpoints(items: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _model_config(path: str, what: str):
-    from transformers import AutoConfig
-
-    config_path = path
-    adapter = Path(path) / "adapter_config.json"
-    if adapter.is_file():
-        config_path = json.loads(adapter.read_text()).get("base_model_name_or_path", path)
-    try:
-        return AutoConfig.from_pretrained(config_path)
-    except Exception as exc:  # noqa: BLE001 - any load failure is the user's path
-        raise UserError(f"{what} '{path}': cannot load a model config ({str(exc).strip().splitlines()[0]})") from None
-
-
 def build_grid(specs: Sequence[str], world_components: Optional[tuple[str, str]]) -> list[tuple[str, float, str]]:
     """Expand shift specs/grids to [(shift, level, spec)]; no spec = the unshifted split.
 
@@ -133,13 +121,6 @@ def build_grid(specs: Sequence[str], world_components: Optional[tuple[str, str]]
         for name, level, text in shifts.expand_grid(spec):
             levels.append((name, float("nan") if level is None else float(level), text))
     return levels
-
-
-def _actor_pool(cfg: EvaluateConfig):
-    """A fixed pool of `cfg.concurrency` actors (Ray >= 2.51 spells `concurrency=` as `compute=`)."""
-    from ray.data import ActorPoolStrategy
-
-    return ActorPoolStrategy(size=cfg.concurrency)
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -236,9 +217,9 @@ def _check_inputs(cfg: EvaluateConfig) -> tuple[list[tuple[str, str]], dict]:
     if manifest.get("format") != "pairs":
         raise UserError(f"dataset '{cfg.data}' has format {manifest.get('format')!r}; evaluate needs pairs")
     schema.split_dir(cfg.data, cfg.split)
-    vocab = _model_config(cfg.reference, "reference").vocab_size
+    vocab = model_lib.load_model_config(cfg.reference, "--reference").vocab_size
     for trial_id, path in checkpoints:
-        other = _model_config(path, f"checkpoint {trial_id}").vocab_size
+        other = model_lib.load_model_config(path, f"--checkpoint {trial_id}").vocab_size
         if other != vocab:
             raise UserError(f"checkpoint '{path}' has vocabulary {other} but the reference has {vocab}")
     return checkpoints, manifest
@@ -263,13 +244,14 @@ def reward_columns(levels: Sequence[tuple[str, float, str]], with_reward: bool) 
 
 
 def compute_pair_logps(ds, models: list[tuple[str, str]], cfg: EvaluateConfig, gpu: bool):
-    """[a] Add `<prefix>_chosen_logps` / `<prefix>_rejected_logps` for every (prefix, model path)."""
-    resources = {"num_gpus": 1} if gpu else {"num_cpus": 1}
+    """[a] Add `<prefix>_chosen_logps` / `<prefix>_rejected_logps` (float64) for every (prefix, model
+    path), with the reference stage's actor: one concatenated forward per `cfg.batch_size` pairs."""
     for chunk in _chunks(models, cfg.models_per_actor):
         _log(f"log-probs of the eval pairs under {len(chunk)} model(s): {', '.join(p for p, _ in chunk)}")
-        ds = ds.map_batches(ResponseLogps, fn_constructor_kwargs={"models": chunk, "use_gpu": gpu},
-                            batch_size=cfg.batch_size, batch_format="pyarrow", compute=_actor_pool(cfg),
-                            **resources).materialize()
+        ds = ds.map_batches(model_lib.PairLogps,
+                            fn_constructor_kwargs={"models": chunk, "batch_size": cfg.batch_size, "use_gpu": gpu},
+                            batch_size=cfg.batch_size, batch_format="pyarrow",
+                            **actor_pool(cfg.concurrency, gpu=gpu)).materialize()
     return ds
 
 
@@ -288,7 +270,6 @@ def sample_checkpoints(ds, checkpoints, cfg: EvaluateConfig, gpu: bool, tokenize
     """[c] samples_per_prompt samples per sampled prompt per checkpoint, with KL and reward columns."""
     import ray
 
-    resources = {"num_gpus": 1} if gpu else {"num_cpus": 1}
     prompt_table = ds.select_columns(["prompt", "prompt_input_ids"]).to_pandas().drop_duplicates("prompt")
     if cfg.generation.num_prompts:
         prompt_table = prompt_table.head(cfg.generation.num_prompts)
@@ -301,12 +282,12 @@ def sample_checkpoints(ds, checkpoints, cfg: EvaluateConfig, gpu: bool, tokenize
                  for j in range(n)]
         _log(f"sampling {len(prompt_table)} prompts x {n} from {', '.join(t for t, _ in chunk)}")
         gen = ray.data.from_items(items).map_batches(
-            SampleResponses, batch_size=cfg.generation.batch_size, compute=_actor_pool(cfg),
+            SampleResponses, batch_size=cfg.generation.batch_size,
             fn_constructor_kwargs={"policies": [path for _, path in chunk], "reference_path": cfg.reference,
                                    "tokenizer_path": tokenizer, "max_new_tokens": cfg.generation.max_new_tokens,
                                    "seed": cfg.generation.seed, "use_gpu": gpu,
                                    "reward": cfg.reward if with_reward else "", "reward_keys": reward_keys},
-            **resources)
+            **actor_pool(cfg.concurrency, gpu=gpu))
         frame = gen.to_pandas()
         frame.insert(0, "trial_id", [chunk[m][0] for m in frame.pop("model_index")])
         frames.append(frame)

@@ -1,5 +1,6 @@
-"""Ancestral sampling with the exact per-token KL to a reference, response log-probs, and the
-`map_batches` callables of `robust-dpo evaluate` that run them inside Ray Data actors.
+"""Ancestral sampling with the exact per-token KL to a reference, and the `map_batches` callable of
+`robust-dpo evaluate` that runs it inside Ray Data actors (the eval pairs' log-probs come from
+`pipelines.model.PairLogps`, the reference stage's actor).
 
 KL(policy || reference) of the sequence distribution (OBJECTIVES.md 7.1) is estimated on samples
 y ~ policy(. | x) by the Rao-Blackwellised estimator
@@ -19,13 +20,12 @@ checkpoint-to-checkpoint differences less noisy).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from robust_objectives.logps import IGNORE_INDEX, compute_sequence_logps
+from pipelines import model as model_lib
 
 
 def sample_uniforms(seed: int, prompt_indices: Sequence[int], sample_indices: Sequence[int], steps: int) -> np.ndarray:
@@ -149,93 +149,7 @@ def sample_with_kl(
     }
 
 
-def collate_prompt_response(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded prompt + response rows with labels on the response only.
-
-    Returns:
-        input_ids: (N, T); attention_mask: (N, T); labels: (N, T) with IGNORE_INDEX on prompt and
-        padding, the response ids elsewhere (compute_sequence_logps shifts them).
-    """
-    from pipelines.model import pad_rows
-
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token to condition on")
-    batch = pad_rows([(list(p) + list(r), len(p)) for p, r in zip(prompts, responses)], pad_token_id)
-    return batch["input_ids"], batch["attention_mask"], batch["labels"]
-
-
-@torch.no_grad()
-def response_logps(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int) -> np.ndarray:
-    """(N,) float64 summed log model(response | prompt), teacher-forced, fp32 log-softmax."""
-    device = next(model.parameters()).device
-    input_ids, attention, labels = collate_prompt_response(prompts, responses, pad_token_id)
-    # No KV cache: a teacher-forced pass never reuses it.
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
-    logps, _ = compute_sequence_logps(logits, labels.to(device))
-    return logps.double().cpu().numpy()
-
-
-@torch.no_grad()
-def teacher_forced_kl(policy, reference, prompts, responses, pad_token_id: int) -> np.ndarray:
-    """(N,) sum over response positions of the exact KL(policy || reference), teacher-forced.
-
-    The same quantity `sample_with_kl` accumulates while sampling, computed from full forwards (a
-    cross-check, and the way to score given responses).
-    """
-    device = next(policy.parameters()).device
-    input_ids, attention, labels = collate_prompt_response(prompts, responses, pad_token_id)
-    input_ids, attention = input_ids.to(device), attention.to(device)
-    logp = torch.log_softmax(policy(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float(), -1)
-    logq = torch.log_softmax(reference(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float(), -1)
-    scored = (labels[:, 1:] != IGNORE_INDEX).to(device)
-    return (exact_token_kl(logp, logq) * scored).sum(-1).double().cpu().numpy()
-
-
-# [2] Loading models and the Ray Data callables -------------------------------------------------
-
-
-def load_model(path: str, device: str = "cpu"):
-    """A causal LM from a model dir, or a PEFT adapter dir merged into its base; fp32, eval mode."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model per actor is noise
-    if (Path(path) / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32).merge_and_unload()
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.eval().to(device)
-
-
-class ResponseLogps:
-    """map_batches actor: adds `<prefix>_chosen_logps` / `<prefix>_rejected_logps` (float64) per model.
-
-    One actor holds several models (reference and checkpoints), so the eval pairs stream through
-    one actor pool instead of one pool per model (an actor start costs seconds: torch imports).
-    """
-
-    def __init__(self, *, models: list[tuple[str, str]], use_gpu: bool):
-        from pipelines import model as model_lib
-
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.models = [(prefix, load_model(path, self.device)) for prefix, path in models]
-        self.pad = model_lib.pad_token_id_of(self.models[0][1])
-
-    def __call__(self, table):
-        import pyarrow as pa
-
-        prompts = table.column("prompt_input_ids").to_pylist()
-        responses = {side: table.column(f"{side}_input_ids").to_pylist() for side in ("chosen", "rejected")}
-        for prefix, model in self.models:
-            for side in ("chosen", "rejected"):
-                values = response_logps(model, prompts, responses[side], self.pad)
-                table = table.append_column(f"{prefix}_{side}_logps", pa.array(values, type=pa.float64()))
-        return table
+# [2] The Ray Data callable ---------------------------------------------------------------------
 
 
 class SampleResponses:
@@ -251,11 +165,9 @@ class SampleResponses:
                  seed: int, use_gpu: bool, reward: str = "", reward_keys: Optional[dict] = None):
         from transformers import AutoTokenizer
 
-        from pipelines import model as model_lib
-
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.policies = [load_model(path, self.device) for path in policies]
-        self.reference = load_model(reference_path, self.device)
+        self.device = model_lib.pick_device(use_gpu)
+        self.policies = [model_lib.load_causal_lm(path, device=self.device).eval() for path in policies]
+        self.reference = model_lib.load_causal_lm(reference_path, device=self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.pad = model_lib.pad_token_id_of(self.reference)
         self.eos = self.tokenizer.eos_token_id

@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from pipelines import model as model_lib
 from pipelines.errors import UserError
 
 _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -112,12 +113,9 @@ class RewardFunction:
         return self.world is not None
 
     def _load_hf(self, path: str) -> None:
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except Exception as exc:  # noqa: BLE001 - any load failure is the user's path
-            raise UserError(f"reward 'hf:{path}': cannot load a model config ({str(exc).splitlines()[0]})") from None
+        config = model_lib.load_model_config(path, "reward hf")
         if config.num_labels != 1:
             raise UserError(f"reward 'hf:{path}': a reward model has one output, this one has {config.num_labels}")
         self.model = AutoModelForSequenceClassification.from_pretrained(path).eval().to(self.device)

@@ -118,9 +118,21 @@ def prepare_run(cfg: TrainStageConfig, output_dir: str | Path) -> tuple[tc.Datas
     if cfg.reference.mode == "precomputed":
         from pipelines import reference as reference_lib
 
-        data_path = reference_lib.precompute_reference(cfg, info)
+        data_path = reference_lib.compute_reference_dataset(reference_stage_config(cfg))
         info = dataclasses.replace(info, columns=tc.count_split(data_path / cfg.data.train_split)[1])
     return info, _plan(cfg, info, output_dir), data_path
+
+
+def reference_stage_config(cfg: TrainStageConfig):
+    """The reference stage's config for reference.mode=precomputed: the run's model, data, precision,
+    attention kernel and GPU use, and its reference.* cache and pool settings."""
+    from pipelines.reference import ReferenceStageConfig
+
+    return ReferenceStageConfig(
+        data=str(cfg.data.path), model=cfg.model.path, output=cfg.reference.cache_dir,
+        batch_size=cfg.reference.batch_size, concurrency=cfg.reference.concurrency, use_gpu=cfg.train.use_gpu,
+        precision=cfg.train.precision, attn_implementation=tc.attention_implementation(cfg),
+    )
 
 
 def build_trainer(cfg: TrainStageConfig, output_dir: str | Path, callbacks: Sequence[Any] = ()):

@@ -359,15 +359,12 @@ def inspect_dataset(cfg: TrainStageConfig) -> DatasetInfo:
 
 def check_model(cfg: TrainStageConfig) -> None:
     """Load the model's config (not its weights) and check it is a causal LM; UserError otherwise."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from pipelines import model as model_lib  # imports torch, which `train --help` does without
+
     path = cfg.model.path
-    try:
-        model_config = AutoConfig.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - any load failure is the user's path
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"config key 'model.path': cannot load a model config from '{path}' ({first})") from None
+    model_config = model_lib.load_model_config(path, "config key 'model.path'")
     if model_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UserError(
             f"config key 'model.path': '{path}' is a {model_config.model_type!r} model, not a causal LM"

@@ -130,9 +130,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
     from pipelines import model as model_lib
     from pipelines.train import state as train_state
     from pipelines.train import step as step_lib
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     cfg = build_train_config(loop_config["config"])  # [1] typed config, first line (G6)
     plan = RunPlan(**loop_config["plan"])
     context = ray.train.get_context()

@@ -250,7 +250,7 @@ def test_written_rows_keep_source_order_across_files_actors_and_resampling(ray_s
                     [{"prompt": f"w{i % 7}", "chosen": "w1", "rejected": "w2", "group": f"g{i % 2}"}
                      for i in range(30)])
     cfg = DataConfig(dataset=str(tmp_path / "d"), tokenizer=str(tiny_model_dir), output=str(tmp_path / "o"),
-                     batch_size=4, num_actors=2, shifts=("group_weights:g0=1.5,g1=0.5,sampling=poisson",))
+                     batch_size=4, concurrency=2, shifts=("group_weights:g0=1.5,g1=0.5,sampling=poisson",))
     result = prepare_data(cfg)
     written = pq.read_table(result.output / "train").column("row_id").to_pylist()
     assert not any(c.startswith("_") for c in pq.read_table(result.output / "train").column_names)

@@ -8,15 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.evaluate.generation import (
-    collate_prompt_response,
-    exact_token_kl,
-    response_logps,
-    sample_uniforms,
-    sample_with_kl,
-    teacher_forced_kl,
-)
+from pipelines import model as model_lib
+from pipelines.evaluate.generation import exact_token_kl, left_pad, sample_uniforms, sample_with_kl
 from pipelines.world.toy_models import build_tiny_causal_lm
+from teacher_forcing import response_logps, teacher_forced_kl
 
 VOCAB, EOS, PAD, MAX_NEW = 4, 3, 0, 3
 
@@ -106,9 +101,9 @@ def test_exact_token_kl_closed_form():
 
 
 def test_collate_labels_only_the_response():
-    ids, mask, labels = collate_prompt_response([[5, 6], [7]], [[8, 3], [9, 9, 3]], pad_token_id=0)
-    assert ids.tolist() == [[5, 6, 8, 3], [7, 9, 9, 3]]
-    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
-    assert labels.tolist() == [[-100, -100, 8, 3], [-100, 9, 9, 3]]
+    batch = model_lib.pad_rows([([5, 6, 8, 3], 2), ([7, 9, 9, 3], 1)], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 8, 3], [7, 9, 9, 3]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[-100, -100, 8, 3], [-100, 9, 9, 3]]
     with pytest.raises(ValueError, match="at least one token"):
-        collate_prompt_response([[]], [[3]], pad_token_id=0)
+        left_pad([[]], pad_token_id=0)

@@ -152,9 +152,8 @@ def tiny_world(tmp_path_factory):
 
 @pytest.mark.ray
 def test_evaluate_tiny_checkpoint_matches_direct_computation(ray_session, tiny_world, tmp_path):
+    from teacher_forcing import response_logps
     from transformers import AutoModelForCausalLM
-
-    from pipelines.evaluate.generation import response_logps
 
     w = tiny_world
     cfg = EvaluateConfig(

@@ -169,3 +169,62 @@ def test_lora_reference_is_the_adapter_disabled_base(tiny_model_dir):
     assert max(float((p - trainable[n]).abs().max()) for n, p in policy.named_parameters() if n in trainable) > 1e-3
     with policy.disable_adapter(), torch.no_grad():
         assert torch.allclose(model_lib.compute_row_logps(policy, batch).logps, full_reference.logps, atol=1e-6)
+
+
+def test_load_causal_lm_merges_a_peft_adapter_dir_and_configs_fail_in_one_format(tiny_model_dir, tmp_path):
+    """An adapter dir loads as its base with the adapters merged (same logits as the live peft
+    model); its config is the base's; every config failure reads `<what>: cannot load ... from`."""
+    from pipelines.errors import UserError
+
+    path = str(tiny_model_dir)
+    policy = model_lib.add_lora(model_lib.load_causal_lm(path), r=4, alpha=8.0, dropout=0.0,
+                                target_modules=["q_proj", "v_proj"], seed=0).eval()
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    policy.save_pretrained(tmp_path / "adapter")
+    merged = model_lib.load_causal_lm(str(tmp_path / "adapter")).eval()
+    assert not model_lib.is_peft_model(merged)
+    batch = model_lib.collate_pairs(_rows(), PAD)
+    with torch.no_grad():
+        live = model_lib.compute_row_logps(policy, batch).logps
+        base = model_lib.compute_row_logps(model_lib.load_causal_lm(path).eval(), batch).logps
+        assert torch.allclose(model_lib.compute_row_logps(merged, batch).logps, live, atol=1e-5)
+    assert float((live - base).abs().max()) > 1e-3  # the adapters matter, so the merge is what agrees
+    config = model_lib.load_model_config(str(tmp_path / "adapter"), "--checkpoint a")
+    assert config.vocab_size == model_lib.load_model_config(path, "--reference").vocab_size
+    with pytest.raises(UserError, match=rf"^--reference: cannot load a model config from '{tmp_path / 'nope'}' \("):
+        model_lib.load_model_config(str(tmp_path / "nope"), "--reference")
+    assert model_lib.pick_device(False) == torch.device("cpu")
+
+
+def test_pair_logps_actor_adds_float64_columns_per_model_with_one_forward_per_chunk(tiny_model_dir, tiny_model):
+    """The actor of the reference and evaluate stages: per model, the columns equal compute_row_logps
+    of collate_pairs on the whole batch, whatever the chunking; `keep` selects the passed-through
+    columns; lists get one value per response."""
+    import pyarrow as pa
+
+    rows = _rows()
+    table = pa.table({**{k: rows[k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")},
+                      "row_id": ["a", "b"]})
+    actor = model_lib.PairLogps(models=[("ref", str(tiny_model_dir)), ("ckpt0", str(tiny_model_dir))], batch_size=1)
+    out = actor(table)
+    assert out.column_names == [*table.column_names, "ref_chosen_logps", "ref_rejected_logps",
+                                "ckpt0_chosen_logps", "ckpt0_rejected_logps"]
+    assert out.schema.field("ref_chosen_logps").type == pa.float64()
+    with torch.no_grad():
+        expected = model_lib.compute_row_logps(tiny_model, model_lib.collate_pairs(rows, PAD)).logps.double()
+    for prefix in ("ref", "ckpt0"):
+        assert out.column(f"{prefix}_chosen_logps").to_pylist() == pytest.approx(expected[:2].tolist(), abs=1e-5)
+        assert out.column(f"{prefix}_rejected_logps").to_pylist() == pytest.approx(expected[2:].tolist(), abs=1e-5)
+    assert actor(table.slice(0, 0)).num_rows == 0
+
+    lists = {"prompt_input_ids": [[5], [6, 7]], "responses_input_ids": [[[8, 3], [9, 3]], [[3], [10, 11, 3]]],
+             "_row": [0, 1]}
+    listwise = model_lib.PairLogps(models=[("reference", str(tiny_model_dir))], listwise=True, keep=["_row"])
+    out = listwise(pa.table(lists))
+    assert out.column_names == ["_row", "reference_logps"]
+    with torch.no_grad():
+        expected = model_lib.compute_row_logps(tiny_model, model_lib.collate_lists(lists, PAD)).logps.reshape(2, 2)
+    assert out.column("reference_logps").to_pylist() == [pytest.approx(r, abs=1e-5) for r in expected.tolist()]

@@ -110,31 +110,46 @@ def test_model_fingerprint_follows_the_weights(tmp_path, tiny_model_dir):
     assert model_fingerprint(other) != model_fingerprint(tiny_model_dir)
 
 
-def test_reference_values_go_back_by_address_and_a_missing_row_is_an_error(tmp_path):
+def test_reference_values_go_back_by_address_and_a_missing_row_is_an_error(ray_session, tmp_path):
     """Values arrive in any order; each lands on the row its (file, position) names, and a file whose
     rows did not all come back is refused instead of being misaligned."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import ray
 
-    from pipelines.reference import _collect_by_file, _with_reference_columns
+    from pipelines.row_order import put_back, rows_by_file
 
-    class Arrivals:  # what iter_batches yields when blocks come back swapped and interleaved
-        def iter_batches(self, **_):
-            yield pd.DataFrame({"file_index": [1, 0], "position": [0, 2],
-                                "reference_chosen_logps": [-9.0, -3.0], "reference_rejected_logps": [-90.0, -30.0]})
-            yield pd.DataFrame({"file_index": [0, 0], "position": [0, 1],
-                                "reference_chosen_logps": [-1.0, -2.0], "reference_rejected_logps": [-10.0, -20.0]})
-
+    # what the actor pool hands back when blocks come back swapped and interleaved
+    arrivals = [pa.table({"_file_index": [1, 0], "_row": [0, 2], "reference_chosen_logps": [-9.0, -3.0],
+                          "reference_rejected_logps": [-90.0, -30.0]}),
+                pa.table({"_file_index": [0, 0], "_row": [0, 1], "reference_chosen_logps": [-1.0, -2.0],
+                          "reference_rejected_logps": [-10.0, -20.0]})]
     source = tmp_path / "part.parquet"
     pq.write_table(pa.table({"row_id": ["a", "b", "c"]}), source)
-    by_file = _collect_by_file(Arrivals(), num_files=2)
-    assert by_file[1]["reference_chosen_logps"].tolist() == [-9.0]
+    by_file = rows_by_file(ray.data.from_arrow(arrivals), num_files=2)
+    assert by_file[1].column("reference_chosen_logps").to_pylist() == [-9.0]
     arrived = by_file[0]
-    table = _with_reference_columns(str(source), arrived, listwise=False)
+    columns = {"reference_chosen_logps": pa.float64(), "reference_rejected_logps": pa.float64()}
+    table = put_back(pq.read_table(source), arrived, columns=columns, source=str(source), what="reference values")
     assert table.column("row_id").to_pylist() == ["a", "b", "c"]
     assert table.column("reference_chosen_logps").to_pylist() == [-1.0, -2.0, -3.0]
     assert table.column("reference_rejected_logps").to_pylist() == [-10.0, -20.0, -30.0]
     with pytest.raises(RuntimeError, match="has 3 rows but 2 reference values"):
-        _with_reference_columns(str(source), arrived.iloc[:2], listwise=False)
+        put_back(pq.read_table(source), arrived.slice(0, 2), columns=columns, source=str(source),
+                 what="reference values")
     with pytest.raises(RuntimeError, match="has 3 rows but 0 reference values"):
-        _with_reference_columns(str(source), None, listwise=False)
+        put_back(pq.read_table(source), None, columns=columns, source=str(source), what="reference values")
+
+
+def test_train_builds_the_reference_stage_config_from_its_own():
+    """reference.mode=precomputed runs this stage with the run's model, data, precision, attention
+    kernel and GPU use, and the run's reference.* cache and pool settings."""
+    from pipelines.train import reference_stage_config
+    from pipelines.train.config import build_train_config
+
+    cfg = build_train_config({"model": {"path": "m"}, "data": {"path": "d"}, "objective": {"name": "wdpo"},
+                              "reference": {"mode": "precomputed", "cache_dir": "c", "batch_size": 7, "concurrency": 3},
+                              "train": {"precision": "bf16", "use_gpu": True}})
+    assert reference_stage_config(cfg) == ReferenceStageConfig(
+        data="d", model="m", output="c", batch_size=7, concurrency=3, use_gpu=True, precision="bf16",
+        attn_implementation="eager")

@@ -257,3 +257,20 @@ def test_row_uniforms_do_not_depend_on_where_the_data_lives():
     assert here.tolist() == there.tolist()
     other_row = row_uniforms(["/elsewhere/train.parquet:row 4"], seed=1, tag="t")
     assert other_row[0] != here[0]
+
+
+@pytest.mark.ray
+def test_counting_passes_are_ray_aggregates_with_the_old_results(ray_session):
+    """count_keys counts a null key as "" (and maps sources through TARGET_SOURCES); min_value
+    flattens list columns, skips nulls, and is inf on no rows."""
+    import ray
+
+    from pipelines.data.shifts import count_keys, min_value
+
+    table = pa.table({"group": ["a", None, "b", "a", None, "a"], "source": ["human", "x", "target", "y", "x", "z"],
+                      "r": [1.5, None, 0.25, 2.0, 3.0, 1.0], "l": [[2.0, -1.0], [], [0.5], [None], [4.0], [1.0]]})
+    ds = ray.data.from_arrow([table.slice(0, 2), table.slice(2, 3), table.slice(5)])
+    assert count_keys(ds, "group", None) == {"a": 3, "": 2, "b": 1}
+    assert count_keys(ds, "source", {"target": "target", "human": "target"}) == {"target": 2, "other": 4}
+    assert min_value(ds, ["r"]) == 0.25 and min_value(ds, ["r", "l"]) == -1.0
+    assert min_value(ds.filter(lambda r: False), ["r", "l"]) == float("inf")
