@@ -16,8 +16,8 @@ Writes DIR/config.yaml (resolved config), DIR/metrics.csv (one row per report), 
 DIR/final_model/ (HF model dir, LoRA merged, + tokenizer; load with from_pretrained).
 
 Layers (RAY_NOTES.md 5.1-5.3, STYLE.md G7): `loop.train_fn_per_worker(loop_config)` is the per-worker
-loop; `build_trainer(cfg, output_dir, callbacks)` builds the TorchTrainer (Tune's driver function
-passes TuneReportCallback); `train(cfg)` validates, fits and collects the outputs.
+loop; `build_trainer(...)` builds the TorchTrainer (Tune's driver function passes
+TuneReportCallback); `train(cfg)` validates, fits and collects the outputs.
 
 - Data (batches.py): every worker streams the same seeded global batches and keeps its slice,
   so step s sees the same pairs for any worker count and a restart skips exactly s batches.
@@ -35,13 +35,15 @@ import dataclasses
 import os
 import shutil
 import sys
-import time
+import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from pipelines import config as config_lib
 from pipelines import schema
+from pipelines.console import Progress, say
 from pipelines.errors import UserError
 from pipelines.train import config as tc
 from pipelines.train.config import TrainStageConfig, load_train_config, train_config_to_dict
@@ -135,16 +137,11 @@ def reference_stage_config(cfg: TrainStageConfig):
     )
 
 
-def build_trainer(cfg: TrainStageConfig, output_dir: str | Path, callbacks: Sequence[Any] = ()):
-    """The TorchTrainer of this run (validated first).  `callbacks` go to RunConfig (Tune adds
-    ray.tune.integration.ray_train.TuneReportCallback).  Storage: `output_dir`/checkpoints, a fixed
-    name, so rerunning with the same output_dir resumes from its latest checkpoint."""
-    output_dir = Path(output_dir).resolve()
-    return _build_trainer(cfg, output_dir, *prepare_run(cfg, output_dir), callbacks=callbacks)
-
-
-def _build_trainer(cfg: TrainStageConfig, output_dir: Path, info: tc.DatasetInfo, plan: RunPlan, data_path: Path,
-                   callbacks: Sequence[Any] = ()):
+def build_trainer(cfg: TrainStageConfig, output_dir: Path, info: tc.DatasetInfo, plan: RunPlan, data_path: Path,
+                  callbacks: Sequence[Any] = (), progress: Any = None):
+    """The TorchTrainer of a checked run (`prepare_run`).  `callbacks` go to RunConfig (Tune adds
+    TuneReportCallback); `progress` is a ray.util.queue.Queue rank 0 puts report rows on.  Storage:
+    `output_dir`/checkpoints, a fixed name, so rerunning with the same output_dir resumes."""
     import ray
     import ray.data
     import ray.train
@@ -168,7 +165,7 @@ def _build_trainer(cfg: TrainStageConfig, output_dir: Path, info: tc.DatasetInfo
         datasets[name] = ds.materialize()
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": train_config_to_dict(cfg), "plan": dataclasses.asdict(plan)},
+        train_loop_config={"config": train_config_to_dict(cfg), "plan": dataclasses.asdict(plan), "progress": progress},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker},
@@ -225,12 +222,14 @@ def collect_outputs(output_dir: Path, checkpoint_dir: Path | None) -> TrainResul
                        metrics_dataframe=frame, checkpoint_path=checkpoint_dir)
 
 
-def train(cfg: TrainStageConfig, output_dir: str | Path | None = None, callbacks: Sequence[Any] = ()) -> TrainResult:
+def train(cfg: TrainStageConfig, output_dir: str | Path | None = None, callbacks: Sequence[Any] = (),
+          show_progress: bool = False) -> TrainResult:
     """Validate, fit (or resume, or notice the run is complete), write metrics.csv and final_model/.
 
     Args:
         cfg: the stage config; `output_dir` defaults to cfg.output.
         callbacks: ray.train.UserCallbacks for RunConfig (Tune passes TuneReportCallback).
+        show_progress: print a progress line per report (the CLI; Tune reports trials itself).
 
     Raises:
         UserError: bad input (before any worker starts).
@@ -251,19 +250,61 @@ def train(cfg: TrainStageConfig, output_dir: str | Path | None = None, callbacks
     if latest is not None and train_state.read_train_state(latest)["step"] >= plan.total_steps and (
         latest / train_state.FINAL_MODEL_DIR
     ).is_dir():
-        print(f"[train] {output_dir} is already complete ({plan.total_steps} steps); nothing to do", flush=True)
+        say("train", f"{output_dir} is already complete ({plan.total_steps} steps); nothing to do")
         return collect_outputs(output_dir, latest)
-    trainer = _build_trainer(cfg, output_dir, info, plan, data_path, callbacks=callbacks)
+    start_step = train_state.read_train_state(latest)["step"] if latest is not None else 0
+    if start_step:
+        say("train", f"resuming {output_dir} from step {start_step}/{plan.total_steps}")
+    queue = printer = None
+    if show_progress:  # rank 0 puts each report row; a driver thread prints them
+        from ray.util.queue import Queue
+
+        queue = Queue()
+        printer = threading.Thread(target=_print_progress, args=(queue, start_step, plan.total_steps), daemon=True)
+    trainer = build_trainer(cfg, output_dir, info, plan, data_path, callbacks=callbacks, progress=queue)
+    if printer is not None:
+        printer.start()
     error = None
     try:
         result = trainer.fit()
         error = result.error
     except Exception as exc:  # noqa: BLE001 - Ray's TrainingFailedError and friends
         error = exc
+    if queue is not None:
+        queue.put(None)  # the printer's end
+        printer.join(timeout=10)
+        queue.shutdown()
     outputs = collect_outputs(output_dir, train_state.find_latest_checkpoint(output_dir / CHECKPOINTS))
     if error is not None:
-        raise RuntimeError(f"training failed: {str(error).strip().splitlines()[0] if str(error).strip() else error!r}")
+        log = write_error(output_dir, error)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise RuntimeError(f"training failed: {first} (full error: {log})") from error
     return outputs
+
+
+def write_error(output_dir: Path, error: BaseException) -> Path:
+    """`output_dir/logs/error.txt`: the whole error with its traceback (the console shows one line)."""
+    path = output_dir / "logs" / "error.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(traceback.format_exception(error)))
+    return path
+
+
+def _print_progress(queue, start_step: int, total: int) -> None:
+    """Driver thread: one progress update per report row that rank 0 puts on `queue` (None ends)."""
+    from pipelines.train.loop import progress_note
+
+    done = start_step
+    with Progress("train", "steps", total) as bar:
+        if start_step:
+            bar.update(start_step)
+        while True:
+            row = queue.get()
+            if row is None:
+                return
+            step = int(row["step"])
+            bar.update(max(0, step - done), postfix=progress_note(row))
+            done = step
 
 
 # [3] CLI ----------------------------------------------------------------------------------------
@@ -277,14 +318,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_train_config(args.config, [*args.overrides, f"output={args.output}"])
-    started = time.perf_counter()
     try:
-        result = train(cfg)
+        result = train(cfg, show_progress=True)
     except RuntimeError as exc:
         print(f"robust-dpo: error: {exc}", file=sys.stderr, flush=True)
         return 1
     last = result.metrics
-    print(f"[train] done in {time.perf_counter() - started:.1f}s: step {int(last.get('step', 0))}, "
-          f"loss {last.get('loss', float('nan')):.4f}; metrics {result.output_dir / 'metrics.csv'}, "
-          f"model {result.final_model_path}", flush=True)
+    say("train", f"done: step {int(last.get('step', 0))}, loss {last.get('loss', float('nan')):.4f}; "
+                 f"metrics {result.output_dir / 'metrics.csv'}, model {result.final_model_path}")
     return 0

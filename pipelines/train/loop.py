@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipelines.train import config as tc
 from pipelines.train.batches import iter_eval_micro_batches, iter_global_batches, split_global_batch
 from pipelines.train.config import TrainStageConfig, build_train_config
 
 FAIL_ENV = "ROBUST_DPO_FAIL_AT_STEP"
+
 
 @dataclass(frozen=True, kw_only=True)
 class RunPlan:
@@ -34,7 +35,6 @@ class RunPlan:
     has_eval: bool  # an eval dataset is attached
     fail_at_step: int = 0  # ROBUST_DPO_FAIL_AT_STEP (0 = never)
     fail_marker: str = ""  # file that makes the injected failure fire once
-
 
 
 # [1] The per-worker loop -----------------------------------------------------------------------
@@ -121,6 +121,18 @@ def build_step_context(cfg: TrainStageConfig, *, rank: int = 0, world_size: int 
     )
 
 
+@dataclass
+class WorkerState:
+    """What one worker carries from step to step (restored from the latest checkpoint on restart)."""
+
+    policy: Any  # the trained model (LoRA-wrapped when lora.r > 0; FSDP2-sharded under fsdp)
+    reference: Any  # frozen reference copy, or None (LoRA adapter-disabled base / precomputed columns)
+    optimizer: Any  # AdamW over the trainable parameters
+    scheduler: Any  # LambdaLR of build_schedule
+    step: int = 0  # optimizer steps done (= the data position: batches are a pure function of it)
+    history: list = field(default_factory=list)  # every reported metrics row so far (rides in checkpoints)
+
+
 def train_fn_per_worker(loop_config: dict) -> None:
     """Ray Train worker: rebuild the config, restore, then step / report / checkpoint until done."""
     import ray.train
@@ -133,25 +145,24 @@ def train_fn_per_worker(loop_config: dict) -> None:
 
     cfg = build_train_config(loop_config["config"])  # [1] typed config, first line (G6)
     plan = RunPlan(**loop_config["plan"])
+    progress = loop_config.get("progress")  # a ray.util.queue.Queue the driver prints from, or None
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
 
-    policy, reference = build_worker_models(cfg, device)  # [2] models
+    policy, reference = build_worker_models(cfg, device)  # [2] models and optimizer
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = build_schedule(optimizer, cfg, plan.total_steps)
+    state = WorkerState(policy=policy, reference=reference, optimizer=optimizer,
+                        scheduler=build_schedule(optimizer, cfg, plan.total_steps))
     ctx = build_step_context(cfg, rank=rank, world_size=world)
 
-    step, history = 0, []  # [3] restore: weights, optimizer, scheduler, step (= data position)
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # [3] restore: weights, optimizer, scheduler, step
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = train_state.load_checkpoint(Path(directory), policy, optimizer, scheduler)
-        step, history = state["step"], state["history"]
-        if rank == 0:
-            _say(f"[train] resumed from step {step}")
+            saved = train_state.load_checkpoint(Path(directory), policy, optimizer, state.scheduler)
+        state.step, state.history = saved["step"], saved["history"]
 
     collate = model_lib.collate_lists if plan.listwise else model_lib.collate_pairs
     pad = model_lib.pad_token_id_of(policy)
@@ -163,42 +174,50 @@ def train_fn_per_worker(loop_config: dict) -> None:
     eval_data = ray.train.get_dataset_shard("eval") if plan.has_eval else None
     interval: list[dict[str, float]] = []
     started = time.perf_counter()
-    while step < plan.total_steps:  # [4] epochs of global batches, resumed mid-epoch
-        epoch, offset = divmod(step, plan.steps_per_epoch)
-        before = step
+    while state.step < plan.total_steps:  # [4] epochs of global batches, resumed mid-epoch
+        epoch, offset = divmod(state.step, plan.steps_per_epoch)
+        before = state.step
         for rows in iter_global_batches(train_data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                         epoch=epoch, shuffle_buffer=cfg.data.shuffle_buffer, skip=offset):
             micro = [prepare(r) for r in split_global_batch(
                 rows, rank=rank, world_size=world, micro_batch_size=cfg.train.micro_batch_size)]
-            metrics = step_lib.train_step(policy, reference, optimizer, scheduler, micro, ctx, step)
-            step += 1
+            # [5] one optimizer step: forward, objective, backward, gradient sync, AdamW (step.py)
+            metrics = step_lib.train_step(policy, reference, optimizer, state.scheduler, micro, ctx, state.step)
+            state.step += 1
             interval.append(metrics)
-            if step == plan.fail_at_step and rank == 0 and not os.path.exists(plan.fail_marker):
-                Path(plan.fail_marker).write_text(f"injected failure at step {step}\n")
-                raise RuntimeError(f"{FAIL_ENV}={step}: injected failure on rank 0 (fires once)")
-            if step % cfg.train.checkpoint_every == 0 or step == plan.total_steps:  # [5] report
+            maybe_inject_failure(plan, state.step, rank)
+            if state.step % cfg.train.checkpoint_every == 0 or state.step == plan.total_steps:  # [6] report
                 elapsed = time.perf_counter() - started  # training only: eval and checkpoint excluded
                 row = _average_interval(interval)
-                row.update(step=step, epoch=step / plan.steps_per_epoch,
+                row.update(step=state.step, epoch=state.step / plan.steps_per_epoch,
                            tokens_per_s=sum(m["tokens"] for m in interval) / max(elapsed, 1e-9))
                 interval = []
-                if eval_data is not None and (cfg.train.eval_every == 0 or step % cfg.train.eval_every == 0
-                                              or step == plan.total_steps):
+                if eval_data is not None and (cfg.train.eval_every == 0 or state.step % cfg.train.eval_every == 0
+                                              or state.step == plan.total_steps):
                     batches = (None if b is None else prepare(b) for b in iter_eval_micro_batches(
                         eval_data, rank=rank, world_size=world, micro_batch_size=cfg.train.micro_batch_size,
                         max_rows=cfg.data.max_eval_pairs))
                     row.update(step_lib.evaluate(policy, reference, batches, ctx))
-                history.append(row)
-                _report(row, history, policy, optimizer, scheduler, cfg, step=step, rank=rank,
-                        final=step == plan.total_steps, total=plan.total_steps)
+                state.history.append(row)
+                _report(state, row, cfg, final=state.step == plan.total_steps, rank=rank)
+                if progress is not None and rank == 0:
+                    progress.put(row)
                 started = time.perf_counter()
-            if step >= plan.total_steps:
+            if state.step >= plan.total_steps:
                 break
-        if step == before:  # the split shrank since the driver counted it: fail, do not spin
+        if state.step == before:  # the split shrank since the driver counted it: fail, do not spin
             raise RuntimeError(f"epoch {epoch} of the train split yielded no batch after skipping {offset}")
 
 
-def _report(row, history, policy, optimizer, scheduler, cfg, *, step, rank, final, total) -> None:
+def maybe_inject_failure(plan: RunPlan, step: int, rank: int) -> None:
+    """The fault drill (ROBUST_DPO_FAIL_AT_STEP=s): rank 0 raises once, right after step s; a marker
+    file in the run directory makes it fire only in the first attempt."""
+    if step == plan.fail_at_step and rank == 0 and not os.path.exists(plan.fail_marker):
+        Path(plan.fail_marker).write_text(f"injected failure at step {step}\n")
+        raise RuntimeError(f"{FAIL_ENV}={step}: injected failure on rank 0 (fires once)")
+
+
+def _report(state: WorkerState, row: dict[str, float], cfg: TrainStageConfig, *, final: bool, rank: int) -> None:
     """Checkpoint (rank 0 writes; FSDP gathers on all ranks) and ray.train.report on every rank."""
     import ray.train
 
@@ -206,29 +225,22 @@ def _report(row, history, policy, optimizer, scheduler, cfg, *, step, rank, fina
 
     with tempfile.TemporaryDirectory(prefix="robust_dpo_ckpt_") as tmp:
         directory = Path(tmp)
-        train_state.save_checkpoint(directory, policy, optimizer, scheduler, step=step, history=history, rank=rank)
+        train_state.save_checkpoint(directory, state.policy, state.optimizer, state.scheduler, step=state.step,
+                                    history=state.history, rank=rank)
         if final:
             sharded = cfg.train.strategy == "fsdp"
-            weights = train_state.trainable_state_dict(policy) if sharded else None
+            weights = train_state.trainable_state_dict(state.policy) if sharded else None
             if rank == 0:
-                train_state.save_final_model(directory / train_state.FINAL_MODEL_DIR, policy,
+                train_state.save_final_model(directory / train_state.FINAL_MODEL_DIR, state.policy,
                                              model_path=cfg.model.path, lora=cfg.lora.r > 0, weights=weights)
-        if rank == 0:
-            _say(_progress_line(row, total))
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-        ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
+        ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state.step:06d}")
 
 
-def _say(line: str) -> None:
-    # Train V2 patches print() to tee into its logger, which reaches the driver twice; the raw
-    # stream is forwarded once.
-    print(line, file=sys.__stdout__, flush=True)
-
-
-def _progress_line(row: dict[str, float], total: int) -> str:
-    parts = [f"step {int(row['step'])}/{total}", f"loss {row['loss']:.4f}",
-             f"acc {row['rewards/accuracies']:.3f}", f"margin {row['rewards/margins']:.4f}",
+def progress_note(row: dict[str, float]) -> str:
+    """The short note a progress line carries for one report row."""
+    parts = [f"loss {row['loss']:.4f}", f"acc {row['rewards/accuracies']:.3f}", f"margin {row['rewards/margins']:.4f}",
              f"tokens/s {row['tokens_per_s']:.0f}"]
     if "eval/loss" in row:
         parts += [f"eval/loss {row['eval/loss']:.4f}", f"eval/acc {row['eval/accuracy']:.3f}"]
-    return "[train] " + " | ".join(parts)
+    return " | ".join(parts)
