@@ -44,7 +44,7 @@ from pipelines import config as config_lib
 from pipelines import schema
 from pipelines.errors import UserError
 from pipelines.train import config as tc
-from pipelines.train.config import TrainStageConfig, load_train_config, train_config_to_dict
+from pipelines.train.config import TrainConfig, train_config_to_dict
 from pipelines.train.loop import FAIL_ENV, RunPlan, train_fn_per_worker
 CHECKPOINTS = "checkpoints"  # RunConfig name: DIR/checkpoints is the Ray Train run folder
 LEADING_COLUMNS = ("step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
@@ -66,7 +66,7 @@ class TrainResult:
 # [2] Driver: validate, build the TorchTrainer, collect the outputs ------------------------------
 
 
-def _read_columns(info: tc.DatasetInfo, cfg: TrainStageConfig, columns: Sequence[str]) -> list[str]:
+def _read_columns(info: tc.DatasetInfo, cfg: TrainConfig, columns: Sequence[str]) -> list[str]:
     if info.format == "listwise":
         wanted = list(schema.LIST_TOKEN_COLUMNS) + ["scores", "calibration", schema.REFERENCE_LIST_COLUMN]
     else:
@@ -76,7 +76,7 @@ def _read_columns(info: tc.DatasetInfo, cfg: TrainStageConfig, columns: Sequence
     return [c for c in wanted if c in columns]
 
 
-def _check_resumable(cfg: TrainStageConfig, output_dir: Path) -> None:
+def _check_resumable(cfg: TrainConfig, output_dir: Path) -> None:
     """A rerun into an existing DIR must train the same thing (only RESUMABLE_CHANGES may differ)."""
     saved_path = output_dir / "config.yaml"
     if not saved_path.is_file() or not (output_dir / CHECKPOINTS).exists():
@@ -93,7 +93,7 @@ def _check_resumable(cfg: TrainStageConfig, output_dir: Path) -> None:
             )
 
 
-def _plan(cfg: TrainStageConfig, info: tc.DatasetInfo, output_dir: Path) -> RunPlan:
+def _plan(cfg: TrainConfig, info: tc.DatasetInfo, output_dir: Path) -> RunPlan:
     fail_at = os.environ.get(FAIL_ENV, "").strip()
     if fail_at and not fail_at.isdigit():
         raise UserError(f"{FAIL_ENV}={fail_at!r} must be a step number")
@@ -107,7 +107,7 @@ def _plan(cfg: TrainStageConfig, info: tc.DatasetInfo, output_dir: Path) -> RunP
     )
 
 
-def prepare_run(cfg: TrainStageConfig, output_dir: str | Path) -> tuple[tc.DatasetInfo, RunPlan, Path]:
+def prepare_run(cfg: TrainConfig, output_dir: str | Path) -> tuple[tc.DatasetInfo, RunPlan, Path]:
     """Every input check (UserError, exit 2) before Ray starts a worker; precompute the reference
     when reference.mode=precomputed.  Returns (dataset info, plan, resolved data path)."""
     output_dir = Path(output_dir).resolve()
@@ -123,7 +123,7 @@ def prepare_run(cfg: TrainStageConfig, output_dir: str | Path) -> tuple[tc.Datas
     return info, _plan(cfg, info, output_dir), data_path
 
 
-def build_trainer(cfg: TrainStageConfig, output_dir: str | Path, callbacks: Sequence[Any] = ()):
+def build_trainer(cfg: TrainConfig, output_dir: str | Path, callbacks: Sequence[Any] = ()):
     """The TorchTrainer of this run (validated first).  `callbacks` go to RunConfig (Tune adds
     ray.tune.integration.ray_train.TuneReportCallback).  Storage: `output_dir`/checkpoints, a fixed
     name, so rerunning with the same output_dir resumes from its latest checkpoint."""
@@ -131,7 +131,7 @@ def build_trainer(cfg: TrainStageConfig, output_dir: str | Path, callbacks: Sequ
     return _build_trainer(cfg, output_dir, *prepare_run(cfg, output_dir), callbacks=callbacks)
 
 
-def _build_trainer(cfg: TrainStageConfig, output_dir: Path, info: tc.DatasetInfo, plan: RunPlan, data_path: Path,
+def _build_trainer(cfg: TrainConfig, output_dir: Path, info: tc.DatasetInfo, plan: RunPlan, data_path: Path,
                    callbacks: Sequence[Any] = ()):
     import ray
     import ray.data
@@ -177,7 +177,7 @@ def _build_trainer(cfg: TrainStageConfig, output_dir: Path, info: tc.DatasetInfo
     )
 
 
-def write_config(cfg: TrainStageConfig, path: Path) -> None:
+def write_config(cfg: TrainConfig, path: Path) -> None:
     """DIR/config.yaml: the resolved config in its user-facing form (loadable with --config)."""
     import yaml
 
@@ -213,7 +213,7 @@ def collect_outputs(output_dir: Path, checkpoint_dir: Path | None) -> TrainResul
                        metrics_dataframe=frame, checkpoint_path=checkpoint_dir)
 
 
-def train(cfg: TrainStageConfig, output_dir: str | Path | None = None, callbacks: Sequence[Any] = ()) -> TrainResult:
+def train(cfg: TrainConfig, output_dir: str | Path | None = None, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Validate, fit (or resume, or notice the run is complete), write metrics.csv and final_model/.
 
     Args:
@@ -264,7 +264,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_train_config(args.config, [*args.overrides, f"output={args.output}"])
+    cfg = config_lib.load(TrainConfig, args.config, args.overrides, flags={"output": args.output})
     started = time.perf_counter()
     try:
         result = train(cfg)

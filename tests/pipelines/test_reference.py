@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from pipelines import model as model_lib
-from pipelines.reference import ReferenceStageConfig, compute_reference_dataset, model_fingerprint
+from pipelines.reference import ReferenceCacheConfig, compute_reference_dataset, model_fingerprint
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def cached(ray_session, tiny_model_dir, pairs_dataset, tmp_path_factory):
-    cfg = ReferenceStageConfig(data=str(pairs_dataset), model=str(tiny_model_dir),
+    cfg = ReferenceCacheConfig(data=str(pairs_dataset), model=str(tiny_model_dir),
                                output=str(tmp_path_factory.mktemp("refcache")), batch_size=5)
     return cfg, compute_reference_dataset(cfg)
 
@@ -81,7 +81,7 @@ def test_precomputed_reference_gives_the_live_loss(cached, tiny_model_dir):
 def test_listwise_reference_column_holds_one_logp_per_response(ray_session, tiny_model_dir, listwise_dataset, tmp_path):
     from pipelines import schema
 
-    path = compute_reference_dataset(ReferenceStageConfig(data=str(listwise_dataset), model=str(tiny_model_dir),
+    path = compute_reference_dataset(ReferenceCacheConfig(data=str(listwise_dataset), model=str(tiny_model_dir),
                                                           output=str(tmp_path), batch_size=3))
     source, written = _read(listwise_dataset / "train"), _read(path / "train")
     assert written["row_id"].tolist() == source["row_id"].tolist()  # order preserved
