@@ -4,7 +4,7 @@ Every stage owns its frozen `<Thing>Config` dataclasses (a stage's whole config 
 SynthConfig, DataConfig, ReferenceCacheConfig, TrainConfig, EvaluateConfig, TuneConfig, RunConfig).
 `load(cls, path, overrides, flags=..., section=...)` builds any of them from, lowest first:
 
-    dataclass defaults <- `defaults` <- YAML `--config` <- `key.sub=value` overrides and flags
+    dataclass defaults <- YAML `--config` <- `key.sub=value` overrides and command-line flags
 
 One rule where a command-line flag (`--output`, `--checkpoint`, `--shift`, ...) meets a key: a flag
 beats the YAML file, and a flag plus a `key=value` override of the same key is an error naming the
@@ -310,21 +310,19 @@ def collect(
     *,
     flags: Mapping[str, Any] | None = None,
     section: str | None = None,
-    defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The merged mapping `load` builds: defaults <- YAML <- overrides and flags (module docstring).
+    """The merged mapping `load` builds: YAML <- overrides and flags (see the module docstring).
 
     Args:
         path: YAML file (`--config`), or None.
         overrides: `key.sub=value` strings.
         flags: {dotted key: value} from the command line; None values are flags not given.
         section: the stage's name, accepted as a prefix of its keys.
-        defaults: a stage's own defaults over the dataclass defaults (run's training defaults).
 
     Raises:
         UserError: bad YAML or override syntax, or a flag and an override of the same key.
     """
-    values = deep_merge(defaults or {}, _lift(load_yaml(path), section) if path is not None else {})
+    values = _lift(load_yaml(path), section) if path is not None else {}
     given = _lift(parse_overrides(overrides), section)
     for key, value in (flags or {}).items():
         if value is None:
@@ -347,10 +345,9 @@ def load(
     *,
     flags: Mapping[str, Any] | None = None,
     section: str | None = None,
-    defaults: Mapping[str, Any] | None = None,
 ) -> T:
-    """Build `cls` strictly from defaults <- YAML at `path` <- `overrides` and `flags` (see `collect`)."""
-    return build(cls, collect(path, overrides, flags=flags, section=section, defaults=defaults))
+    """Build `cls` strictly from its defaults <- YAML at `path` <- `overrides` and `flags` (see `collect`)."""
+    return build(cls, collect(path, overrides, flags=flags, section=section))
 
 
 def dump(cfg: Any, path: str | Path) -> None:
