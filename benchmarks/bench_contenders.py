@@ -1,7 +1,7 @@
 """The two sides of the throughput benchmark: TRL's DPOTrainer and our worker's training step.
 
 Ours is `pipelines.train.step.train_step` fed exactly as `pipelines.train.loop.train_fn_per_worker`
-feeds it on one worker: the typed TrainStageConfig, the same StepContext, torch AdamW, the
+feeds it on one worker: the typed TrainConfig, the same StepContext, torch AdamW, the
 worker's LR schedule, `split_global_batch` -> `collate_pairs` -> `move_batch` per micro-batch.
 Only Ray Data's iterator is replaced by in-memory rows of the same (numpy) batch format.
 
@@ -160,7 +160,7 @@ class Contender:
 
 
 def build_ours_config(spec: ContenderSpec, setup: BenchSetup):
-    """The TrainStageConfig a user would write for this run (validated like the CLI's)."""
+    """The TrainConfig a user would write for this run (validated like the CLI's)."""
     from pipelines.train.config import build_train_config
 
     return build_train_config({

@@ -1,28 +1,121 @@
-"""Strict, typed configuration: dataclass defaults <- YAML file <- `key.sub=value` overrides.
+"""Strict, typed configuration: one loader and one rule for every stage.
 
-Every stage owns its frozen `XConfig` dataclasses; this module only knows how to build any nested
-dataclass strictly (unknown keys and type mismatches are `UserError`s naming the key) and how to
-write the resolved config next to a run's outputs.  Plain dataclasses + PyYAML are enough
-(STYLE.md G6), so there is no OmegaConf dependency.
+Every stage owns its frozen `<Thing>Config` dataclasses (a stage's whole config is `<Stage>Config`:
+SynthConfig, DataConfig, ReferenceCacheConfig, TrainConfig, EvaluateConfig, TuneConfig, RunConfig).
+`load(cls, path, overrides, flags=..., section=...)` builds any of them from, lowest first:
+
+    dataclass defaults <- YAML `--config` <- `key.sub=value` overrides and command-line flags
+
+One rule where a command-line flag (`--output`, `--checkpoint`, `--shift`, ...) meets a key: a flag
+beats the YAML file, and a flag plus a `key=value` override of the same key is an error naming the
+key (one command line saying two things is a mistake, not a precedence question).  A flag left out
+(None) is no flag.  `section="evaluate"` also accepts the stage's keys under its own name
+(`evaluate.beta=0.05` = `beta=0.05`), as `run` and YAML files spell them.
+
+Checks live with the values: unknown keys and type mismatches are caught here, ranges and
+cross-field rules in each dataclass's `__post_init__` (`check(self, ">= 1", "batch_size")` or
+`raise FieldError(...)`), and `build` words them as one line naming the full key, e.g.
+"config key 'train.batch_size' must be >= 1, got 0".  Stage `check_*` functions are left with the
+checks that need I/O (manifests, model configs).  A dataclass whose keys depend on a value (the
+objective's hyperparameters) builds itself with a `from_mapping(values)` classmethod; a dict field
+made with `catch_all()` collects every key that is not a field (tune/run: the train-config values
+shared by every trial).  `describe(cls)` lists every key with its type, default and the trailing
+`# comment` of its field, for `--help`.
+
+Why not pydantic (installed with Ray): its errors are multi-line lists that would need rewording
+into these one-line messages anyway, its coercions are not the CLI's (`a,b` lists, YAML scalars),
+and it would make a transitive dependency a direct one; the dataclasses stay (STYLE.md G6).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import json
+import operator
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Mapping, NamedTuple, Sequence, TypeVar
 
 import yaml
 
 from pipelines.errors import UserError
 
 T = TypeVar("T")
+CATCH_ALL = "robust_dpo_catch_all"  # field metadata key of the catch_all() dict field
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required()  # describe()'s default of a key that has none
+
+
+class FieldError(ValueError):
+    """A value a dataclass rejects in `__post_init__`; `build` prefixes the field's full key.
+
+    `FieldError("batch_size", "must be >= 1, got 0")` under the `train` section reads
+    "config key 'train.batch_size' must be >= 1, got 0".
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field} {message}")
+        self.field = field
+        self.message = message
+
+
+_COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+def _satisfies(value: Any, rule: str) -> bool:
+    if rule[0] in "[(":  # an interval: [0, 1), (0, 1], ...
+        low, high = (float(x) for x in rule[1:-1].split(","))
+        return (value >= low if rule[0] == "[" else value > low) and (value <= high if rule[-1] == "]" else value < high)
+    op, bound = rule.split()
+    return _COMPARE[op](value, float(bound))
+
+
+def check(cfg: Any, rule: str, *names: str) -> None:
+    """Range check for `__post_init__`: every field in `names` must satisfy `rule`.
+
+    Args:
+        cfg: the dataclass instance.
+        rule: ">= 1", "> 0", "<= 1", "< 1", or an interval "[0, 1)" / "(0, 1]" / "[0, 1]".
+        names: field names; a None value (an unset Optional) passes.
+
+    Raises:
+        FieldError: "must be >= 1, got 0" / "must be in [0, 1), got 1.5" for the first failing field.
+    """
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not _satisfies(value, rule):
+            raise FieldError(name, f"must be {'in ' if rule[0] in '[(' else ''}{rule}, got {value!r}")
+
+
+def catch_all() -> Any:
+    """A dict field that collects every key of its mapping that is not a field (see the module docstring)."""
+    return dataclasses.field(default_factory=dict, metadata={CATCH_ALL: True})
+
+
+# [1] Building a dataclass strictly ----------------------------------------------------------------
 
 
 def _type_name(tp: Any) -> str:
+    """int, list[str], fp32|bf16 (a Literal), float|None (an Optional)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return "|".join("None" if a is type(None) else _type_name(a) for a in args)
+    if origin is not None:
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -35,14 +128,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except UserError as exc:
-                errors.append(str(exc))
+            except UserError:
+                pass
         raise UserError(f"config key '{key}': {value!r} is not a valid {_type_name(tp)}")
     if origin is typing.Literal:
         if value not in args:
@@ -53,7 +145,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, Mapping):
             raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
-        return build(tp, value, prefix=key)
+        from_mapping = getattr(tp, "from_mapping", None)
+        return from_mapping(value) if from_mapping else build(tp, value, prefix=key)
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v != ""]
@@ -103,33 +196,50 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
 def build(cls: type[T], values: Mapping[str, Any] | None = None, prefix: str = "") -> T:
-    """Build dataclass `cls` from a nested mapping; unknown keys and bad types raise UserError."""
+    """Build dataclass `cls` from a nested mapping; unknown keys, bad types and values rejected by
+    `__post_init__` raise a one-line UserError naming the key (under `prefix`)."""
+    if values is not None and not isinstance(values, Mapping):
+        raise UserError(f"config key '{prefix or cls.__name__}': expected a mapping, got {values!r}")
     values = dict(values or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    rest = next((name for name, f in fields.items() if f.metadata.get(CATCH_ALL)), None)
     unknown = sorted(set(values) - set(fields))
-    if unknown:
-        where = f"'{prefix}.{unknown[0]}'" if prefix else f"'{unknown[0]}'"
+    if unknown and rest is not None:
+        extra = {name: values.pop(name) for name in unknown}
+        values[rest] = deep_merge(values.get(rest) or {}, extra)
+    elif unknown:
         raise UserError(
-            f"unknown config key {where}; valid keys{' under ' + repr(prefix) if prefix else ''}: "
+            f"unknown config key '{_key(prefix, unknown[0])}'; valid keys{' under ' + repr(prefix) if prefix else ''}: "
             f"{', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
+        key = _key(prefix, name)
         if name in values:
             kwargs[name] = _coerce(values[name], hints[name], key)
-        elif dataclasses.is_dataclass(hints.get(name)) and f.default is dataclasses.MISSING and (
-            f.default_factory is dataclasses.MISSING
-        ):
-            kwargs[name] = build(hints[name], {}, prefix=key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        elif dataclasses.is_dataclass(hints.get(name)) and _required(f):
+            kwargs[name] = _coerce({}, hints[name], key)
+        elif _required(f):
             raise UserError(f"config key '{key}' is required")
     try:
         return cls(**kwargs)
+    except FieldError as exc:
+        raise UserError(f"config key '{_key(prefix, exc.field)}' {exc.message}") from exc
     except (TypeError, ValueError) as exc:
-        raise UserError(f"config {prefix or cls.__name__}: {exc}") from None
+        raise UserError(f"config {prefix or cls.__name__}: {exc}") from exc
+
+
+# [2] Sources: YAML, dot-list overrides, flags -------------------------------------------------------
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -156,6 +266,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `update` laid over it, mappings merged key by key."""
     out = dict(base)
     for k, v in update.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
@@ -178,26 +289,123 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _lift(tree: dict[str, Any], section: str | None) -> dict[str, Any]:
+    """{section: {a: 1}, b: 2} -> {a: 1, b: 2}: a stage's keys may carry the stage's name."""
+    if section is None or not isinstance(tree.get(section), Mapping):
+        return tree
+    rest = dict(tree)
+    return deep_merge(rest.pop(section), rest)
+
+
+def _is_set(tree: Mapping[str, Any], key: str) -> bool:
+    head, _, tail = key.partition(".")
+    if head not in tree:
+        return False
+    return not tail or (isinstance(tree[head], Mapping) and _is_set(tree[head], tail))
+
+
+def collect(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    flags: Mapping[str, Any] | None = None,
+    section: str | None = None,
+) -> dict[str, Any]:
+    """The merged mapping `load` builds: YAML <- overrides and flags (see the module docstring).
+
+    Args:
+        path: YAML file (`--config`), or None.
+        overrides: `key.sub=value` strings.
+        flags: {dotted key: value} from the command line; None values are flags not given.
+        section: the stage's name, accepted as a prefix of its keys.
+
+    Raises:
+        UserError: bad YAML or override syntax, or a flag and an override of the same key.
+    """
+    values = _lift(load_yaml(path), section) if path is not None else {}
+    given = _lift(parse_overrides(overrides), section)
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        if _is_set(given, key):
+            raise UserError(f"config key '{key}' is set by its command-line flag; do not also override it")
+        values = deep_merge(values, _nest(key, value))  # a flag beats the YAML file
+    return deep_merge(values, given)
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    head, _, tail = key.partition(".")
+    return {head: _nest(tail, value) if tail else value}
+
+
 def load(
     cls: type[T],
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
-    base: Mapping[str, Any] | None = None,
+    *,
+    flags: Mapping[str, Any] | None = None,
+    section: str | None = None,
 ) -> T:
-    """Defaults <- `base` <- YAML at `path` <- dot-list `overrides`, built strictly into `cls`."""
-    values: dict[str, Any] = dict(base or {})
-    if path is not None:
-        values = deep_merge(values, load_yaml(path))
-    values = deep_merge(values, parse_overrides(overrides))
-    return build(cls, values)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Build `cls` strictly from its defaults <- YAML at `path` <- `overrides` and `flags` (see `collect`)."""
+    return build(cls, collect(path, overrides, flags=flags, section=section))
 
 
 def dump(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (the run's record of what it did)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False))
+
+
+# [3] Describing the keys (for --help) ----------------------------------------------------------------
+
+
+class Key(NamedTuple):
+    """One key of a config, as `describe` lists it."""
+
+    key: str  # dotted key, e.g. "train.batch_size"
+    type: str  # "int", "float", "fp32|bf16", "list[str]", ...
+    default: Any  # the default value (a default_factory is called), or REQUIRED
+    comment: str  # the field's trailing `# comment` in the source, "" when it has none
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """{field: trailing comment} of the annotated assignments in `cls` and its dataclass bases."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        by_line = {tok.start[0]: tok.string.lstrip("#").strip()
+                   for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+        for node in ast.parse(source).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                comments[node.target.id] = by_line.get(node.end_lineno, "")
+    return comments
+
+
+def describe(cls: type, prefix: str = "") -> list[Key]:
+    """Every key of config class `cls` (nested sections flattened to dotted keys), in field order.
+
+    A `from_mapping` section (the objective) is listed by its own fields; its open-ended keys are
+    the objective's to describe.
+    """
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    out: list[Key] = []
+    for f in dataclasses.fields(cls):
+        key, tp = _key(prefix, f.name), hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += describe(tp, key)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = REQUIRED
+        out.append(Key(key, _type_name(tp), default, comments.get(f.name, "")))
+    return out

@@ -40,15 +40,20 @@ HASH_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReferenceStageConfig:
-    data: str  # a dataset written by `robust-dpo data`; required
-    model: str  # the reference model (HF path); required
-    output: str = ""  # cache root; "" = $ROBUST_DPO_CACHE or ~/.cache/robust-dpo/reference
-    batch_size: int = 16  # pairs (or lists) per forward in an actor
-    concurrency: int = 1  # actors in the map_batches pool
+class ReferenceCacheConfig:
+    """The whole reference stage: which data and model, and where and how to build the cache."""
+
+    data: str  # a dataset written by `robust-dpo data`; required; --data
+    model: str  # the reference model (HF path); required; --model
+    output: str = ""  # cache root; "" = $ROBUST_DPO_CACHE or ~/.cache/robust-dpo/reference; --output
+    batch_size: int = 16  # pairs (or lists) per forward in an actor; >= 1
+    concurrency: int = 1  # actors in the map_batches pool; >= 1
     use_gpu: bool = False  # one GPU per actor
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast; log-probs are fp32 either way
     attn_implementation: str = "sdpa"  # attention kernel of the reference forward
+
+    def __post_init__(self):
+        config_lib.check(self, ">= 1", "batch_size", "concurrency")
 
 
 # [1] Fingerprints and cache location -------------------------------------------------------------
@@ -88,7 +93,7 @@ def model_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def cache_path(cfg: ReferenceStageConfig) -> Path:
+def cache_path(cfg: ReferenceCacheConfig) -> Path:
     root = Path(cfg.output) if cfg.output else default_cache_root()
     key = f"{dataset_fingerprint(cfg.data)[:16]}-{model_fingerprint(cfg.model)[:16]}-{cfg.precision}"
     if cfg.attn_implementation != "sdpa":
@@ -99,7 +104,7 @@ def cache_path(cfg: ReferenceStageConfig) -> Path:
 # [2] The stage ---------------------------------------------------------------------------------------
 
 
-def compute_reference_dataset(cfg: ReferenceStageConfig) -> Path:
+def compute_reference_dataset(cfg: ReferenceCacheConfig) -> Path:
     """Write (or reuse) the cached dataset with reference columns; return its directory.
 
     Every source file becomes a file of the same name with the reference columns appended, rows in
@@ -169,13 +174,13 @@ def _reference_columns(listwise: bool) -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset written by `robust-dpo data`")
     parser.add_argument("--model", required=True, help="reference model path (HF from_pretrained)")
-    parser.add_argument("--output", default="", help="cache root (default $ROBUST_DPO_CACHE or ~/.cache/robust-dpo/reference)")
+    parser.add_argument("--output", default=None, help="cache root (default $ROBUST_DPO_CACHE or ~/.cache/robust-dpo/reference)")
     parser.add_argument("overrides", nargs="*", help="key=value: batch_size, concurrency, use_gpu, precision")
 
 
 def main(args: argparse.Namespace) -> int:
-    overrides = [*args.overrides, f"data={args.data}", f"model={args.model}", f"output={args.output}"]
-    cfg = config_lib.load(ReferenceStageConfig, None, overrides)
+    flags = {"data": args.data, "model": args.model, "output": args.output}
+    cfg = config_lib.load(ReferenceCacheConfig, None, args.overrides, flags=flags)
     schema.read_manifest(cfg.data)
     model_lib.load_model_config(cfg.model, "--model")
     print(compute_reference_dataset(cfg))

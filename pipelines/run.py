@@ -1,7 +1,7 @@
 """`robust-dpo run`: the whole chain on the embedded default world, one command, resumable.
 
     robust-dpo run --output runs/default                          # defaults: minutes on a 2-core laptop
-    robust-dpo run --output runs/noisy synth.label_noise=0.2 run.objectives=dpo,rdpo,drdpo
+    robust-dpo run --output runs/noisy synth.label_noise=0.2 search.objectives=dpo,rdpo,drdpo
     robust-dpo run --output runs/big train.max_steps=200 search.wide=true    # wider grids, longer training
 
 The chain (each step skips what an earlier run of the same --output already finished):
@@ -11,31 +11,38 @@ The chain (each step skips what an earlier run of the same --output already fini
   [4] evaluate  `robust-dpo evaluate` -> DIR/evaluation (every trial + the reference under the shift grid)
   [5] report    pareto.csv/png, robustness.csv/png, report.md in DIR
 Keys: `synth.*` (the world), `run.*` (below), `search.*` and `trial_eval.*` (the sweep), `evaluate.*`
-(evaluation), and train-config sections shared by every trial (`train.*`, `lora.*`, `objective.*`,
-`reference.*`).
+(evaluation options: `evaluate.generation.num_prompts`, ...), and train-config sections shared by
+every trial (`train.*`, `lora.*`, `objective.*`, `reference.*`).  `load_run_config` builds all of
+it, the trials' train config included, so a typo anywhere fails (exit 2) before the world is made.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from pipelines import config as config_lib
+from pipelines import data, evaluate, report, schema, tune
+from pipelines import world as world_lib
 from pipelines.errors import UserError
+from pipelines.evaluate import EvaluateConfig, EvaluateOptionsConfig
+from pipelines.tune import SearchConfig, TrialEvalConfig, TuneConfig
+from pipelines.world import WorldConfig
 
 # Training defaults for the embedded world's tiny model (train-config values; user keys win).
 DEFAULT_TRAIN = {
     "train": {"lr": 2e-3, "batch_size": 64, "micro_batch_size": 64, "epochs": 2, "checkpoint_every": 16,
               "warmup_steps": 2, "max_grad_norm": 1.0},
 }
-EVAL_SECTIONS = ("synth", "run", "search", "trial_eval", "evaluate")
+# Keys `run` sets itself: the trials train the world's model on the world's data.
+OWN_KEYS = ("model", "data", "output")
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunSection:
+class RunOptionsConfig:
     grid: list[str] = field(default_factory=lambda: [
         "mixture:alpha=0:1:6", "label_flip:eps=0:0.4:3", "source_mixture:target=0:1:3"])  # evaluation shift grids
     reward: str = ""  # reward of the evaluation; "" = the world's mixture (levels of the mixture grid)
@@ -43,37 +50,51 @@ class RunSection:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunStageConfig:
-    output: str  # required: run directory
-    synth: Any = None  # the world's keys (pipelines.world.WorldConfig), strict
-    run: RunSection = field(default_factory=RunSection)
-    search: dict = field(default_factory=dict)  # pipelines.tune.SearchConfig keys
-    trial_eval: dict = field(default_factory=dict)  # pipelines.tune.TrialEvalConfig keys
-    evaluate: dict = field(default_factory=dict)  # pipelines.evaluate.EvaluateConfig keys (generation.*, ...)
-    base: dict = field(default_factory=dict)  # train-config values for every trial
+class RunConfig:
+    """The whole run stage: every section typed except `base`, which `load_run_config` checks as a train config."""
+
+    output: str  # required: run directory; --output
+    synth: WorldConfig = field(default_factory=WorldConfig)
+    run: RunOptionsConfig = field(default_factory=RunOptionsConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    trial_eval: TrialEvalConfig = field(default_factory=TrialEvalConfig)
+    evaluate: EvaluateOptionsConfig = field(default_factory=EvaluateOptionsConfig)  # beta is the trained objective.beta
+    base: dict = config_lib.catch_all()  # train-config values for every trial (train.*, lora.*, objective.*): every key not above
 
 
-def load_run_config(path: str | None, overrides: Sequence[str], output: str) -> RunStageConfig:
-    from pipelines.world import WorldConfig
-
-    values = config_lib.load_yaml(path) if path else {}
-    values = config_lib.deep_merge(values, config_lib.parse_overrides(overrides))
-    sections = {k: values.pop(k) for k in list(values) if k in EVAL_SECTIONS}
-    base = config_lib.deep_merge(DEFAULT_TRAIN, values)
-    for key in ("model", "data", "output"):
-        if key in base:
+def load_run_config(path: str | None, overrides: Sequence[str], output: str) -> RunConfig:
+    """`config.load` with run's own defaults (DEFAULT_TRAIN; evaluation sizes for the world's short
+    responses), then the trials' train config built from `base`: every key is checked here."""
+    values = config_lib.collect(path, overrides, flags={"output": output})
+    synth = config_lib.build(WorldConfig, values.get("synth"), prefix="synth")
+    defaults = {"base": DEFAULT_TRAIN, "evaluate": {"generation": {
+        "num_prompts": 32, "samples_per_prompt": 4, "max_new_tokens": synth.max_response_words + 1}}}
+    cfg = config_lib.build(RunConfig, config_lib.deep_merge(defaults, values))
+    for key in OWN_KEYS:
+        if key in cfg.base:
             raise UserError(f"config key '{key}' is set by `robust-dpo run` itself (the world's model and data)")
-    sections["synth"] = config_lib.build(WorldConfig, sections.get("synth", {}), prefix="synth")
-    return config_lib.build(RunStageConfig, {**sections, "base": base, "output": output})
+    if "beta" in values.get("evaluate", {}):
+        raise UserError("config key 'evaluate.beta' is set by `robust-dpo run` itself (the trials' objective.beta)")
+    sweep = sweep_config(cfg, Path(cfg.output), reward="world:placeholder")
+    sections = tune.grid_sections(sweep) if cfg.search.search == "grid" else []
+    for section in sections + [{"name": name} for name in cfg.search.objectives]:
+        tune.trial_train_config(sweep, section, Path(cfg.output) / tune.TRIALS_DIR / "check")
+    return cfg
+
+
+def sweep_config(cfg: RunConfig, out: Path, reward: str) -> TuneConfig:
+    """The tune stage's config of the sweep: the trials train the world's model on the world's data."""
+    base = config_lib.deep_merge(cfg.base, {"model": {"path": str(out / "world" / "reference_model")},
+                                            "data": {"path": str(out / "data")}})
+    trial_eval = cfg.trial_eval if cfg.trial_eval.reward else replace(cfg.trial_eval, reward=reward)
+    return TuneConfig(output=str(out / "sweep"), search=cfg.search, trial_eval=trial_eval, base=base)
 
 
 def _step(label: str, started: float) -> None:
     print(f"[run] {label} ({time.perf_counter() - started:.0f}s elapsed)", flush=True)
 
 
-def _world(cfg: RunStageConfig, world_dir: Path, started: float) -> None:
-    from pipelines import world as world_lib
-
+def _world(cfg: RunConfig, world_dir: Path, started: float) -> None:
     matches = world_lib.world_matches(world_dir, cfg.synth)
     if matches:
         _step("[1/5] world: already generated", started)
@@ -85,8 +106,6 @@ def _world(cfg: RunStageConfig, world_dir: Path, started: float) -> None:
 
 
 def _data(world_dir: Path, data_dir: Path, started: float) -> None:
-    from pipelines import data, schema
-
     if (data_dir / schema.MANIFEST_FILE).is_file():
         _step("[2/5] data: already prepared", started)
         return
@@ -95,10 +114,8 @@ def _data(world_dir: Path, data_dir: Path, started: float) -> None:
                                       output=str(data_dir), max_length=64))
 
 
-def run(cfg: RunStageConfig) -> Path:
+def run(cfg: RunConfig) -> Path:
     """The whole chain; returns the path of report.md."""
-    from pipelines import evaluate, report, tune
-
     started = time.perf_counter()
     out = Path(cfg.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -109,12 +126,7 @@ def run(cfg: RunStageConfig) -> Path:
     reward = cfg.run.reward or f"world:{world_dir}"
 
     _step("[3/5] sweep: one TorchTrainer per trial under Ray Tune", started)
-    base = config_lib.deep_merge(cfg.base, {"model": {"path": str(world_dir / "reference_model")},
-                                            "data": {"path": str(data_dir)}})
-    tune_cfg = config_lib.build(tune.TuneStageConfig, {
-        "output": str(out / "sweep"), "search": cfg.search, "base": base,
-        "trial_eval": {"reward": reward, **cfg.trial_eval}})
-    trials = tune.tune(tune_cfg)
+    trials = tune.tune(sweep_config(cfg, out, reward))
     if not len(trials):
         raise RuntimeError("no trial finished; see the Tune output above")
 
@@ -122,13 +134,10 @@ def run(cfg: RunStageConfig) -> Path:
     checkpoints = [f"{row.trial_id}={row.final_model}" for row in trials.itertuples()]
     if cfg.run.include_reference:
         checkpoints.append(f"{report.BASELINE_OBJECTIVE}={world_dir / 'reference_model'}")
-    eval_values = config_lib.deep_merge({"generation": {"num_prompts": 32, "samples_per_prompt": 4,
-                                                        "max_new_tokens": cfg.synth.max_response_words + 1}},
-                                        cfg.evaluate)
-    eval_cfg = config_lib.build(evaluate.EvaluateConfig, {
-        **eval_values, "checkpoints": checkpoints, "reference": str(world_dir / "reference_model"),
-        "data": str(data_dir), "output": str(out / "evaluation"), "grid": list(cfg.run.grid), "reward": reward,
-        "beta": float(base.get("objective", {}).get("beta", 0.1))})
+    options = replace(cfg.evaluate, beta=float(cfg.base.get("objective", {}).get("beta", 0.1)))  # the trained beta
+    eval_cfg = EvaluateConfig.from_options(
+        options, checkpoints=checkpoints, reference=str(world_dir / "reference_model"), data=str(data_dir),
+        output=str(out / "evaluation"), grid=list(cfg.run.grid), reward=reward)
     robustness = evaluate.evaluate(eval_cfg)
 
     _step("[5/5] report", started)

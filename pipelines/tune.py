@@ -33,12 +33,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal
 
 import pandas as pd
 
 from pipelines import config as config_lib
 from pipelines.errors import UserError
+from pipelines.train.config import build_train_config
 
 TRIALS_DIR = "trials"
 TRIAL_RESULT = "trial_result.json"
@@ -55,11 +56,19 @@ class SearchConfig:
     max_concurrent_trials: int = 0  # 0 = from the cluster: GPUs (or CPUs) / per-trial need, capped by local cores
     asha: bool = False  # early-stop trials with ASHA on `asha_metric` (single metric, RAY_NOTES 5.3)
     asha_metric: str = "loss"  # a training metric every report carries
-    asha_mode: Literal["min", "max"] = "min"
+    asha_mode: Literal["min", "max"] = "min"  # min: a lower asha_metric is better
     asha_grace_period: int = 1  # reports before a trial may be stopped
     max_failures: int = 0  # trial-driver restarts (ray.tune.FailureConfig); worker restarts are train.max_failures
     seed: int = 0  # optuna sampler seed
     overrides: dict = field(default_factory=dict)  # objective -> {hyperparameter: value or [values]}
+
+    def __post_init__(self):
+        if not self.objectives:
+            raise config_lib.FieldError("objectives", "is empty")
+        config_lib.check(self, ">= 1", "num_samples")
+        stray = sorted(set(self.overrides) - set(self.objectives))
+        if stray:
+            raise config_lib.FieldError(f"overrides.{stray[0]}", "is not among the swept objectives")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,13 +79,18 @@ class TrialEvalConfig:
     max_new_tokens: int = 16  # response cap in tokens
     seed: int = 0  # sampling seed (same uniforms for every trial: common random numbers)
 
+    def __post_init__(self):
+        config_lib.check(self, ">= 1", "num_prompts", "samples_per_prompt", "max_new_tokens")
+
 
 @dataclass(frozen=True, kw_only=True)
-class TuneStageConfig:
-    output: str  # required: sweep directory
+class TuneConfig:
+    """The whole tune stage: `search.*`, `trial_eval.*`, and every other key is a train-config value."""
+
+    output: str  # required: sweep directory; --output
     search: SearchConfig = field(default_factory=SearchConfig)
     trial_eval: TrialEvalConfig = field(default_factory=TrialEvalConfig)
-    base: dict = field(default_factory=dict)  # train-config values shared by every trial (model, data, train, ...)
+    base: dict = config_lib.catch_all()  # train-config values shared by every trial (model.path, train.max_steps, ...): every key not above
 
 
 # [1] Trials: explicit, validated, deterministically named --------------------------------------
@@ -92,16 +106,14 @@ def trial_name(objective: dict[str, Any]) -> str:
     return name
 
 
-def trial_train_config(cfg: TuneStageConfig, objective: dict[str, Any], output_dir: Path):
-    """The TrainStageConfig of one trial: base values <- the trial's objective section."""
-    from pipelines.train.config import build_train_config
-
+def trial_train_config(cfg: TuneConfig, objective: dict[str, Any], output_dir: Path):
+    """The TrainConfig of one trial: base values <- the trial's objective section."""
     values = config_lib.deep_merge(cfg.base, {"objective": objective, "output": str(output_dir)})
     values["objective"] = {**cfg.base.get("objective", {}), **objective}
     return build_train_config(values)
 
 
-def grid_sections(cfg: TuneStageConfig) -> list[dict[str, Any]]:
+def grid_sections(cfg: TuneConfig) -> list[dict[str, Any]]:
     """Every grid point over the objectives, validated against the registry (ValueError -> UserError)."""
     import tune_spaces
 
@@ -114,28 +126,18 @@ def grid_sections(cfg: TuneStageConfig) -> list[dict[str, Any]]:
     return sections
 
 
-def check_tune_config(cfg: TuneStageConfig) -> None:
+def check_tune_config(cfg: TuneConfig) -> None:
     """Everything checkable before Ray starts: objectives, overrides, the base train config, reward."""
     import robust_objectives
 
-    if not cfg.search.objectives:
-        raise UserError("config key 'search.objectives' is empty")
     try:
         for name in cfg.search.objectives:
             robust_objectives.get_spec(name)
     except robust_objectives.UnknownObjectiveError as error:
         raise UserError(f"config key 'search.objectives': {error}") from error
-    stray = sorted(set(cfg.search.overrides) - set(cfg.search.objectives))
-    if stray:
-        raise UserError(f"config key 'search.overrides.{stray[0]}': not among search.objectives")
     if not cfg.trial_eval.reward:
         raise UserError("config key 'trial_eval.reward' is required: the reward that scores each trial's samples "
                         "(world:DIR, hf:PATH or module:function)")
-    for key in ("num_prompts", "samples_per_prompt", "max_new_tokens"):
-        if getattr(cfg.trial_eval, key) < 1:
-            raise UserError(f"config key 'trial_eval.{key}' must be >= 1")
-    if cfg.search.num_samples < 1:
-        raise UserError("config key 'search.num_samples' must be >= 1")
     from pipelines.evaluate.rewards import RewardFunction
 
     RewardFunction(cfg.trial_eval.reward)  # loads / imports now: a bad spec fails before any trial
@@ -144,7 +146,6 @@ def check_tune_config(cfg: TuneStageConfig) -> None:
     train_cfg = trial_train_config(cfg, first, Path(cfg.output) / TRIALS_DIR / "check")
     from pipelines.train import config as tc
 
-    tc.check_train_config(train_cfg)
     tc.inspect_dataset(train_cfg)
     tc.check_model(train_cfg)
     for section in sections:
@@ -195,7 +196,7 @@ def train_driver_fn(config: dict[str, Any]) -> None:
 
     from pipelines import train as train_lib
 
-    cfg = config_lib.build(TuneStageConfig, config["stage"])
+    cfg = config_lib.build(TuneConfig, config["stage"])
     objective = dict(config["objective"])
     name = trial_name(objective)
     trial_dir = Path(cfg.output) / TRIALS_DIR / name
@@ -221,7 +222,7 @@ def train_driver_fn(config: dict[str, Any]) -> None:
 # [3] The sweep ------------------------------------------------------------------------------------
 
 
-def concurrency(cfg: TuneStageConfig, train_cfg) -> int:
+def concurrency(cfg: TuneConfig, train_cfg) -> int:
     """max_concurrent_trials: cluster GPUs (or CPUs) / one trial's need; locally also <= physical cores."""
     import ray
 
@@ -236,7 +237,7 @@ def concurrency(cfg: TuneStageConfig, train_cfg) -> int:
     return fits if os.environ.get("RAY_ADDRESS") else max(1, min(fits, (os.cpu_count() or 2) // workers))
 
 
-def _searches(cfg: TuneStageConfig) -> list[tuple[str, dict, Any, int]]:
+def _searches(cfg: TuneConfig) -> list[tuple[str, dict, Any, int]]:
     """(label, param_space, search_alg, num_samples) per Tuner run: one grid, or one Optuna per objective."""
     from ray import tune
 
@@ -267,7 +268,7 @@ def collect_trials(output_dir: Path) -> pd.DataFrame:
     return frame
 
 
-def tune(cfg: TuneStageConfig) -> pd.DataFrame:
+def tune(cfg: TuneConfig) -> pd.DataFrame:
     """Run the sweep (or finish an interrupted one); write trials.csv and the Pareto report."""
     import ray.tune
     from ray import tune as tune_api
@@ -320,19 +321,6 @@ def tune(cfg: TuneStageConfig) -> pd.DataFrame:
 
 # [4] CLI ----------------------------------------------------------------------------------------
 
-STAGE_SECTIONS = ("search", "trial_eval")
-
-
-def load_tune_config(path: Optional[str], overrides: Sequence[str], output: str) -> TuneStageConfig:
-    """`search.*` and `trial_eval.*` keys configure the sweep; every other key is a train-config value
-    shared by all trials (model.path, data.path, train.max_steps, objective.beta, ...)."""
-    values = config_lib.load_yaml(path) if path else {}
-    values = config_lib.deep_merge(values, config_lib.parse_overrides(overrides))
-    stage = {k: values.pop(k) for k in list(values) if k in STAGE_SECTIONS}
-    base = config_lib.deep_merge(values.pop("base", {}), values)
-    return config_lib.build(TuneStageConfig, {**stage, "base": base, "output": output})
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="sweep directory (rerun the same one to resume)")
     parser.add_argument("--config", default=None, help="YAML with search:, trial_eval: and train-config sections")
@@ -341,7 +329,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    trials = tune(load_tune_config(args.config, args.overrides, args.output))
+    trials = tune(config_lib.load(TuneConfig, args.config, args.overrides, flags={"output": args.output}))
     if len(trials):
         with pd.option_context("display.width", 160):
             print(trials[["trial_id", "objective", "reward", "kl"]].to_string(index=False))

@@ -64,14 +64,12 @@ class DataConfig:
     batch_size: int = 256  # rows per map_batches call; 16..4096
 
     def __post_init__(self):
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        config_lib.check(self, ">= 2", "max_length")
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
-            raise ValueError(f"max_prompt_length must be in [1, max_length), got {self.max_prompt_length}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.concurrency < 1 or self.batch_size < 1:
-            raise ValueError("concurrency and batch_size must be >= 1")
+            raise config_lib.FieldError("max_prompt_length", f"must be in [1, max_length = {self.max_length}), "
+                                        f"got {self.max_prompt_length}")
+        config_lib.check(self, "[0, 1)", "eval_fraction")
+        config_lib.check(self, ">= 1", "concurrency", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -492,14 +490,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> DataConfig:
-    tree = config_lib.parse_overrides(args.overrides or [])
-    values = dict(tree.pop("data", {}) or {})
-    values.update(tree)
-    values.update(dataset=args.dataset, tokenizer=args.tokenizer, output=args.output)
-    for key, flag in (("shifts", args.shift), ("on_invalid", args.on_invalid), ("format", args.format)):
-        if flag is not None:
-            values[key] = list(flag) if key == "shifts" else flag
-    return config_lib.build(DataConfig, values)
+    """The flags and the `key=value` overrides (a flag and an override of one key is an error)."""
+    flags = {"dataset": args.dataset, "tokenizer": args.tokenizer, "output": args.output, "shifts": args.shift,
+             "on_invalid": args.on_invalid, "format": args.format}
+    return config_lib.load(DataConfig, None, args.overrides or [], flags=flags, section="data")
 
 
 def main(args: argparse.Namespace) -> int:

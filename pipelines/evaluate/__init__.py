@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,16 +64,16 @@ class GenerationConfig:
     batch_size: int = 64  # sequences per sampling forward
     seed: int = 0  # sampling seed; a sample's uniforms depend only on (seed, prompt, sample index)
 
+    def __post_init__(self):
+        config_lib.check(self, ">= 1", "samples_per_prompt", "max_new_tokens", "batch_size")
+        config_lib.check(self, ">= 0", "num_prompts")
+
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateConfig:
-    checkpoints: list[str]  # required: policy dirs, "PATH" or "NAME=PATH" (NAME becomes trial_id)
-    reference: str  # required: reference model dir (from_pretrained)
-    data: str  # required: a pairs dataset written by `robust-dpo data` (DIR with manifest.json)
-    output: str  # required: output folder
+class EvaluateOptionsConfig:
+    """The `key=value` options of `robust-dpo evaluate`; `run` nests them as its `evaluate:` section."""
+
     split: str = "eval"  # split of `data` to evaluate on
-    grid: list[str] = field(default_factory=list)  # shift specs or grids (mixture:alpha=0:1:11); empty = unshifted only
-    reward: str = ""  # world:DIR[:NAME] | hf:PATH | module:function; "" = no reward (KL and pair metrics only)
     tokenizer: str = ""  # decodes samples for the reward; "" = the dataset's tokenizer, else the reference's
     beta: float = 0.1  # beta of the held-out DPO loss, 1/nats (use the trained beta to compare losses)
     max_pairs: int = 0  # eval pairs used (the first ones in file order); 0 = all
@@ -82,6 +83,33 @@ class EvaluateConfig:
     use_gpu: Literal["auto", "true", "false"] = "auto"  # auto = GPU actors when the Ray cluster has GPUs
     shift_seed: int = 0  # seed of the shifts' randomness (label flips, resampling)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def __post_init__(self):
+        config_lib.check(self, ">= 1", "batch_size", "concurrency", "models_per_actor")
+        config_lib.check(self, ">= 0", "max_pairs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(EvaluateOptionsConfig):
+    """The whole evaluate stage: the inputs its command-line flags name, plus the options."""
+
+    checkpoints: list[str]  # required: policy dirs, "PATH" or "NAME=PATH" (NAME becomes trial_id); --checkpoint
+    reference: str  # required: reference model dir (from_pretrained); --reference
+    data: str  # required: a pairs dataset written by `robust-dpo data` (DIR with manifest.json); --data
+    output: str  # required: output folder; --output
+    grid: list[str] = field(default_factory=list)  # shift specs or grids (mixture:alpha=0:1:11); empty = unshifted only; --grid
+    reward: str = ""  # world:DIR[:NAME] | hf:PATH | module:function; "" = no reward (KL and pair metrics only); --reward
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.checkpoints:
+            raise config_lib.FieldError("checkpoints", "is empty: evaluate needs at least one --checkpoint")
+
+    @classmethod
+    def from_options(cls, options: EvaluateOptionsConfig, **inputs: Any) -> "EvaluateConfig":
+        """The options of `options` with the inputs (checkpoints, reference, data, output, grid, reward)."""
+        values = {f.name: getattr(options, f.name) for f in dataclasses.fields(EvaluateOptionsConfig)}
+        return config_lib.build(cls, {**values, **inputs})
 
 
 # [1] Checkpoints, models, specs -----------------------------------------------------------------
@@ -201,17 +229,6 @@ def _log(message: str) -> None:
 
 
 def _check_inputs(cfg: EvaluateConfig) -> tuple[list[tuple[str, str]], dict]:
-    if not cfg.checkpoints:
-        raise UserError("evaluate needs at least one --checkpoint")
-    for key in ("batch_size", "concurrency", "models_per_actor"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
-    g = cfg.generation
-    for key in ("samples_per_prompt", "max_new_tokens", "batch_size"):
-        if getattr(g, key) < 1:
-            raise UserError(f"config key 'generation.{key}' must be >= 1, got {getattr(g, key)}")
-    if cfg.max_pairs < 0 or g.num_prompts < 0:
-        raise UserError("config keys 'max_pairs' and 'generation.num_prompts' must be >= 0")
     checkpoints = parse_checkpoints(cfg.checkpoints)
     manifest = schema.read_manifest(cfg.data)
     if manifest.get("format") != "pairs":
@@ -373,23 +390,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", required=True, metavar="PATH", help="reference model dir")
     parser.add_argument("--data", required=True, metavar="DIR", help="pairs dataset written by `robust-dpo data`")
     parser.add_argument("--output", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--grid", action="append", default=[], metavar="SPEC",
+    parser.add_argument("--grid", action="append", default=None, metavar="SPEC",
                         help="shift spec or grid, e.g. mixture:alpha=0:1:11 or label_flip:eps=0:0.4:5 (repeatable)")
-    parser.add_argument("--reward", default="", metavar="SPEC",
+    parser.add_argument("--reward", default=None, metavar="SPEC",
                         help="world:DIR[:NAME], hf:PATH or module:function (default: no reward)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. generation.samples_per_prompt=8 beta=0.05")
 
 
 def build_config(args: argparse.Namespace) -> EvaluateConfig:
-    overrides = [o.removeprefix("evaluate.") for o in args.overrides]
-    values = config_lib.parse_overrides(overrides)
-    flags = {"checkpoints": list(args.checkpoint), "reference": args.reference, "data": args.data,
-             "output": args.output, "grid": list(args.grid), "reward": args.reward}
-    for key in flags:
-        if key in values:
-            raise UserError(f"config key '{key}' is set by its command-line flag; do not override it")
-    return config_lib.build(EvaluateConfig, {**values, **flags})
+    """The flags and the `key=value` overrides (a flag and an override of one key is an error)."""
+    flags = {"checkpoints": args.checkpoint, "reference": args.reference, "data": args.data, "output": args.output,
+             "grid": args.grid, "reward": args.reward}
+    return config_lib.load(EvaluateConfig, None, args.overrides, flags=flags, section="evaluate")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ from pipelines import schema
 from pipelines.console import Progress, say
 from pipelines.errors import UserError
 from pipelines.train import config as tc
-from pipelines.train.config import TrainStageConfig, load_train_config, train_config_to_dict
+from pipelines.train.config import TrainConfig, train_config_to_dict
 from pipelines.train.loop import FAIL_ENV, RunPlan, train_fn_per_worker
 CHECKPOINTS = "checkpoints"  # RunConfig name: DIR/checkpoints is the Ray Train run folder
 LEADING_COLUMNS = ("step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
@@ -68,7 +68,7 @@ class TrainResult:
 # [2] Driver: validate, build the TorchTrainer, collect the outputs ------------------------------
 
 
-def _read_columns(info: tc.DatasetInfo, cfg: TrainStageConfig, columns: Sequence[str]) -> list[str]:
+def _read_columns(info: tc.DatasetInfo, cfg: TrainConfig, columns: Sequence[str]) -> list[str]:
     if info.format == "listwise":
         wanted = list(schema.LIST_TOKEN_COLUMNS) + ["scores", "calibration", schema.REFERENCE_LIST_COLUMN]
     else:
@@ -78,7 +78,7 @@ def _read_columns(info: tc.DatasetInfo, cfg: TrainStageConfig, columns: Sequence
     return [c for c in wanted if c in columns]
 
 
-def _check_resumable(cfg: TrainStageConfig, output_dir: Path) -> None:
+def _check_resumable(cfg: TrainConfig, output_dir: Path) -> None:
     """A rerun into an existing DIR must train the same thing (only RESUMABLE_CHANGES may differ)."""
     saved_path = output_dir / "config.yaml"
     if not saved_path.is_file() or not (output_dir / CHECKPOINTS).exists():
@@ -95,7 +95,7 @@ def _check_resumable(cfg: TrainStageConfig, output_dir: Path) -> None:
             )
 
 
-def _plan(cfg: TrainStageConfig, info: tc.DatasetInfo, output_dir: Path) -> RunPlan:
+def _plan(cfg: TrainConfig, info: tc.DatasetInfo, output_dir: Path) -> RunPlan:
     fail_at = os.environ.get(FAIL_ENV, "").strip()
     if fail_at and not fail_at.isdigit():
         raise UserError(f"{FAIL_ENV}={fail_at!r} must be a step number")
@@ -109,7 +109,7 @@ def _plan(cfg: TrainStageConfig, info: tc.DatasetInfo, output_dir: Path) -> RunP
     )
 
 
-def prepare_run(cfg: TrainStageConfig, output_dir: str | Path) -> tuple[tc.DatasetInfo, RunPlan, Path]:
+def prepare_run(cfg: TrainConfig, output_dir: str | Path) -> tuple[tc.DatasetInfo, RunPlan, Path]:
     """Every input check (UserError, exit 2) before Ray starts a worker; precompute the reference
     when reference.mode=precomputed.  Returns (dataset info, plan, resolved data path)."""
     output_dir = Path(output_dir).resolve()
@@ -125,19 +125,19 @@ def prepare_run(cfg: TrainStageConfig, output_dir: str | Path) -> tuple[tc.Datas
     return info, _plan(cfg, info, output_dir), data_path
 
 
-def reference_stage_config(cfg: TrainStageConfig):
+def reference_stage_config(cfg: TrainConfig):
     """The reference stage's config for reference.mode=precomputed: the run's model, data, precision,
     attention kernel and GPU use, and its reference.* cache and pool settings."""
-    from pipelines.reference import ReferenceStageConfig
+    from pipelines.reference import ReferenceCacheConfig
 
-    return ReferenceStageConfig(
+    return ReferenceCacheConfig(
         data=str(cfg.data.path), model=cfg.model.path, output=cfg.reference.cache_dir,
         batch_size=cfg.reference.batch_size, concurrency=cfg.reference.concurrency, use_gpu=cfg.train.use_gpu,
         precision=cfg.train.precision, attn_implementation=tc.attention_implementation(cfg),
     )
 
 
-def build_trainer(cfg: TrainStageConfig, output_dir: Path, info: tc.DatasetInfo, plan: RunPlan, data_path: Path,
+def build_trainer(cfg: TrainConfig, output_dir: Path, info: tc.DatasetInfo, plan: RunPlan, data_path: Path,
                   callbacks: Sequence[Any] = (), progress: Any = None):
     """The TorchTrainer of a checked run (`prepare_run`).  `callbacks` go to RunConfig (Tune adds
     TuneReportCallback); `progress` is a ray.util.queue.Queue rank 0 puts report rows on.  Storage:
@@ -186,7 +186,7 @@ def build_trainer(cfg: TrainStageConfig, output_dir: Path, info: tc.DatasetInfo,
     )
 
 
-def write_config(cfg: TrainStageConfig, path: Path) -> None:
+def write_config(cfg: TrainConfig, path: Path) -> None:
     """DIR/config.yaml: the resolved config in its user-facing form (loadable with --config)."""
     import yaml
 
@@ -222,7 +222,7 @@ def collect_outputs(output_dir: Path, checkpoint_dir: Path | None) -> TrainResul
                        metrics_dataframe=frame, checkpoint_path=checkpoint_dir)
 
 
-def train(cfg: TrainStageConfig, output_dir: str | Path | None = None, callbacks: Sequence[Any] = (),
+def train(cfg: TrainConfig, output_dir: str | Path | None = None, callbacks: Sequence[Any] = (),
           show_progress: bool = False) -> TrainResult:
     """Validate, fit (or resume, or notice the run is complete), write metrics.csv and final_model/.
 
@@ -317,7 +317,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_train_config(args.config, [*args.overrides, f"output={args.output}"])
+    cfg = config_lib.load(TrainConfig, args.config, args.overrides, flags={"output": args.output})
     try:
         result = train(cfg, show_progress=True)
     except RuntimeError as exc:

@@ -1,11 +1,14 @@
 """Typed, strict configuration of the train stage, and the checks made before any worker starts.
 
-`load_train_config(path, overrides)` builds a `TrainStageConfig` from dataclass defaults <- YAML <-
-`key=value` overrides (STYLE.md G6).  The `objective` section is open-ended by design: its keys are
+`config.load(TrainConfig, path, overrides, flags={"output": ...})` builds a `TrainConfig` from
+dataclass defaults <- YAML <- `key=value` overrides (STYLE.md G6); `build_train_config(values)` is
+the same from a mapping (the Ray boundary, tune's trials).  Ranges are checked in each section's
+`__post_init__`; `TrainConfig.__post_init__` runs `check_train_config`, the cross-section checks
+that need the objective registry.  The `objective` section is open-ended by design: its keys are
 `name` plus the hyperparameters of that objective, validated against
 `robust_objectives.objective_hyperparameters(name)`, so adding an objective touches no pipeline code
-(G8).  `check_train_inputs(cfg)` validates the data, the model and the batch arithmetic up front and
-raises `UserError` (exit 2) before Ray starts a worker.
+(G8).  `inspect_dataset(cfg)` and `check_model(cfg)` validate the data and the model up front and
+raise `UserError` (exit 2) before Ray starts a worker.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping
 
 from pipelines import config as config_lib
 from pipelines import schema
@@ -38,7 +41,7 @@ RESUMABLE_CHANGES = (
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     path: str  # HF causal LM: a local dir (or a cached hub id) loadable with from_pretrained; required
-    attn_implementation: str = "auto"  # auto | eager | sdpa; auto = eager for objectives that need double backward (wdpo), else sdpa
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"] = "auto"  # auto = eager for objectives that need double backward (wdpo), else sdpa
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,11 +52,19 @@ class TrainDataConfig:
     shuffle_buffer: int = 10000  # rows; per-epoch seeded local shuffle buffer, 0 = file order
     max_eval_pairs: int = 0  # pairs (or lists) evaluated per evaluation, 0 = the whole split
 
+    def __post_init__(self):
+        config_lib.check(self, ">= 0", "shuffle_buffer", "max_eval_pairs")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ObjectiveConfig:
     name: str  # a key of robust_objectives.OBJECTIVES; required
     hyperparameters: dict = field(default_factory=dict)  # resolved: defaults <- user values (beta, tau, ...)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "ObjectiveConfig":
+        """`config.build` builds the section through here: its keys depend on the objective's name."""
+        return resolve_objective_config(values)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,13 +90,27 @@ class TrainLoopConfig:
     max_grad_norm: float = 1.0  # global gradient-norm clip; 0 = no clipping (the norm is still logged)
     global_accumulation: bool = True  # batch-coupled objectives take statistics over the whole optimizer step (all micro-steps), at one extra no-grad forward per micro-step
 
+    def __post_init__(self):
+        config_lib.check(self, ">= 1", "batch_size", "micro_batch_size", "num_workers", "checkpoint_every",
+                         "keep_checkpoints", "epochs")
+        config_lib.check(self, ">= 0", "max_steps", "eval_every", "warmup_steps", "max_grad_norm", "weight_decay")
+        config_lib.check(self, "> 0", "lr")
+        per_step = self.micro_batch_size * self.num_workers
+        if self.batch_size % per_step:
+            raise config_lib.FieldError(
+                "batch_size", f"= {self.batch_size} is not a multiple of micro_batch_size x num_workers = "
+                f"{self.micro_batch_size} x {self.num_workers} = {per_step}")
+
 
 @dataclass(frozen=True, kw_only=True)
-class LoraSectionConfig:
+class TrainLoraConfig:
     r: int = 0  # LoRA rank; 0 = full fine-tuning, 8 .. 64 typical
     alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = 0.0  # dropout on the LoRA branch; 0 .. 0.1
     target_modules: list[str] = field(default_factory=list)  # module names; empty = peft's default for the architecture
+
+    def __post_init__(self):
+        config_lib.check(self, ">= 0", "r")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,16 +120,24 @@ class ReferenceConfig:
     batch_size: int = 16  # pairs per forward in the precompute actors
     concurrency: int = 1  # precompute actors (one GPU each when train.use_gpu)
 
+    def __post_init__(self):
+        config_lib.check(self, ">= 1", "batch_size", "concurrency")
+
 
 @dataclass(frozen=True, kw_only=True)
-class TrainStageConfig:
+class TrainConfig:
+    """The whole train stage: sections model, data, objective, train, lora, reference."""
+
     model: ModelConfig
     data: TrainDataConfig
     objective: ObjectiveConfig
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
-    lora: LoraSectionConfig = field(default_factory=LoraSectionConfig)
+    lora: TrainLoraConfig = field(default_factory=TrainLoraConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     output: str = ""  # run directory (the CLI's --output); checkpoints, metrics.csv, final_model go here
+
+    def __post_init__(self):
+        check_train_config(self)
 
 
 # [1] Building the config -------------------------------------------------------------------------
@@ -156,27 +189,13 @@ def resolve_objective_config(values: Mapping[str, Any] | None) -> ObjectiveConfi
     return ObjectiveConfig(name=name, hyperparameters=resolved)
 
 
-def build_train_config(values: Mapping[str, Any]) -> TrainStageConfig:
-    """Build a TrainStageConfig from a nested mapping (the user-facing form; see train_config_to_dict)."""
-    values = dict(values)
-    if not isinstance(values.get("objective", {}), Mapping):
-        raise UserError("config key 'objective': expected a mapping with 'name' and hyperparameters")
-    objective = resolve_objective_config(values.pop("objective", None))
-    cfg = config_lib.build(TrainStageConfig, {**values, "objective": objective})
-    check_train_config(cfg)
-    return cfg
+def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
+    """`config.build(TrainConfig, values)`: the user-facing nested mapping (see train_config_to_dict)
+    to the typed config, strictly."""
+    return config_lib.build(TrainConfig, values)
 
 
-def load_train_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainStageConfig:
-    """Defaults <- YAML file at `path` <- `key=value` overrides, built strictly (UserError on bad keys)."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        values = config_lib.load_yaml(path)
-    values = config_lib.deep_merge(values, config_lib.parse_overrides(overrides))
-    return build_train_config(values)
-
-
-def train_config_to_dict(cfg: TrainStageConfig) -> dict[str, Any]:
+def train_config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     """The user-facing nested dict: the objective section flattened to {name, beta, ...}.
 
     `build_train_config(train_config_to_dict(cfg)) == cfg`; this dict is what crosses the Ray
@@ -202,43 +221,9 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # [2] Checks that need no data or model ----------------------------------------------------------
 
 
-def check_train_config(cfg: TrainStageConfig) -> None:
-    """Range and consistency checks on the values alone; UserError naming the key."""
+def check_train_config(cfg: TrainConfig) -> None:
+    """Cross-section checks against the objective registry (ranges are the sections' own); UserError."""
     t = cfg.train
-    positive = {
-        "train.batch_size": t.batch_size,
-        "train.micro_batch_size": t.micro_batch_size,
-        "train.num_workers": t.num_workers,
-        "train.checkpoint_every": t.checkpoint_every,
-        "train.keep_checkpoints": t.keep_checkpoints,
-        "train.epochs": t.epochs,
-        "reference.batch_size": cfg.reference.batch_size,
-        "reference.concurrency": cfg.reference.concurrency,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise UserError(f"config key '{key}' must be >= 1, got {value}")
-    for key, value in {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
-                       "train.warmup_steps": t.warmup_steps, "lora.r": cfg.lora.r,
-                       "data.shuffle_buffer": cfg.data.shuffle_buffer,
-                       "data.max_eval_pairs": cfg.data.max_eval_pairs}.items():
-        if value < 0:
-            raise UserError(f"config key '{key}' must be >= 0, got {value}")
-    if not t.lr > 0:
-        raise UserError(f"config key 'train.lr' must be > 0, got {t.lr}")
-    if t.max_grad_norm < 0 or t.weight_decay < 0:
-        raise UserError("config keys 'train.max_grad_norm' and 'train.weight_decay' must be >= 0")
-    per_step = t.micro_batch_size * t.num_workers
-    if t.batch_size % per_step:
-        raise UserError(
-            f"config key 'train.batch_size'={t.batch_size} is not a multiple of train.micro_batch_size x "
-            f"train.num_workers = {t.micro_batch_size} x {t.num_workers} = {per_step}"
-        )
-    if cfg.model.attn_implementation not in ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention"):
-        raise UserError(
-            f"config key 'model.attn_implementation': {cfg.model.attn_implementation!r} is not one of "
-            "auto, eager, sdpa, flash_attention_2, flex_attention"
-        )
     import robust_objectives as ro
 
     name = cfg.objective.name
@@ -260,12 +245,12 @@ def check_train_config(cfg: TrainStageConfig) -> None:
         )
 
 
-def accumulation_steps(cfg: TrainStageConfig) -> int:
+def accumulation_steps(cfg: TrainConfig) -> int:
     """Micro-steps per optimizer step on each worker."""
     return cfg.train.batch_size // (cfg.train.micro_batch_size * cfg.train.num_workers)
 
 
-def attention_implementation(cfg: TrainStageConfig) -> str:
+def attention_implementation(cfg: TrainConfig) -> str:
     """The attention kernel to load the model with.
 
     WDPO's penalty is differentiated again (double backward through attention).  PyTorch's fused
@@ -312,7 +297,7 @@ def count_split(directory: Path) -> tuple[int, tuple[str, ...]]:
     return rows, columns
 
 
-def inspect_dataset(cfg: TrainStageConfig) -> DatasetInfo:
+def inspect_dataset(cfg: TrainConfig) -> DatasetInfo:
     """Check `data.path` is a robust-dpo dataset fit for the objective; count its rows."""
     import robust_objectives as ro
 
@@ -357,7 +342,7 @@ def inspect_dataset(cfg: TrainStageConfig) -> DatasetInfo:
     )
 
 
-def check_model(cfg: TrainStageConfig) -> None:
+def check_model(cfg: TrainConfig) -> None:
     """Load the model's config (not its weights) and check it is a causal LM; UserError otherwise."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -371,7 +356,7 @@ def check_model(cfg: TrainStageConfig) -> None:
         )
 
 
-def total_steps(cfg: TrainStageConfig, info: DatasetInfo) -> int:
+def total_steps(cfg: TrainConfig, info: DatasetInfo) -> int:
     """Optimizer steps of the whole run: max_steps, or epochs x full global batches per epoch."""
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps

@@ -20,7 +20,7 @@ from typing import Any
 
 from pipelines.train import config as tc
 from pipelines.train.batches import iter_eval_micro_batches, iter_global_batches, split_global_batch
-from pipelines.train.config import TrainStageConfig, build_train_config
+from pipelines.train.config import TrainConfig, build_train_config
 
 FAIL_ENV = "ROBUST_DPO_FAIL_AT_STEP"
 
@@ -40,7 +40,7 @@ class RunPlan:
 # [1] The per-worker loop -----------------------------------------------------------------------
 
 
-def build_schedule(optimizer, cfg: TrainStageConfig, total_steps: int):
+def build_schedule(optimizer, cfg: TrainConfig, total_steps: int):
     """Linear warmup to train.lr over warmup_steps, then constant / linear / cosine decay to 0."""
     import torch
 
@@ -59,7 +59,7 @@ def build_schedule(optimizer, cfg: TrainStageConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_worker_models(cfg: TrainStageConfig, device):
+def build_worker_models(cfg: TrainConfig, device):
     """Policy (LoRA-wrapped when lora.r > 0) and, for full fine-tuning with a live reference, a
     frozen reference copy; both FSDP2-sharded under train.strategy=fsdp.
 
@@ -103,7 +103,7 @@ def _average_interval(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r.get(k, math.nan) for r in rows) / len(rows) for k in keys}
 
 
-def build_step_context(cfg: TrainStageConfig, *, rank: int = 0, world_size: int = 1):
+def build_step_context(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1):
     """The worker's StepContext: which objective, which inputs it needs, how gradients are reduced
     (also used by benchmarks/throughput.py, so the benchmark runs exactly this step)."""
     import robust_objectives as ro
@@ -217,7 +217,7 @@ def maybe_inject_failure(plan: RunPlan, step: int, rank: int) -> None:
         raise RuntimeError(f"{FAIL_ENV}={step}: injected failure on rank 0 (fires once)")
 
 
-def _report(state: WorkerState, row: dict[str, float], cfg: TrainStageConfig, *, final: bool, rank: int) -> None:
+def _report(state: WorkerState, row: dict[str, float], cfg: TrainConfig, *, final: bool, rank: int) -> None:
     """Checkpoint (rank 0 writes; FSDP gathers on all ranks) and ray.train.report on every rank."""
     import ray.train
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.config import dump, load
+from pipelines.config import FieldError, check, dump, load
 from pipelines.errors import UserError
 from pipelines.world.functions import (
     WORLD_FILE,
@@ -131,45 +131,35 @@ class WorldConfig:
     ref_lr: float = 5e-3  # peak learning rate (linear warm-up 10%, cosine to 10%)
 
     def __post_init__(self):
-        def need(ok: bool, msg: str):
+        def need(ok: bool, key: str, message: str):
             if not ok:
-                raise ValueError(msg)
+                raise FieldError(key, message)
 
-        for key in ("alpha_train", "label_noise", "target_fraction", "eval_target_fraction"):
-            need(0.0 <= getattr(self, key) <= 1.0, f"synth.{key} must be in [0, 1], got {getattr(self, key)}")
-        need(self.bt_temperature >= 0, f"synth.bt_temperature must be >= 0, got {self.bt_temperature}")
-        need(self.judge_bias >= 0, f"synth.judge_bias must be >= 0, got {self.judge_bias}")
-        need(len(self.group_alphas) >= 1, "synth.group_alphas needs at least one group")
+        check(self, "[0, 1]", "alpha_train", "label_noise", "target_fraction", "eval_target_fraction")
+        check(self, ">= 0", "bt_temperature", "judge_bias", "filler_penalty")
+        need(len(self.group_alphas) >= 1, "group_alphas", "needs at least one group")
         need(
             len(self.group_alphas) == len(self.group_weights),
-            f"synth.group_alphas has {len(self.group_alphas)} entries but synth.group_weights "
-            f"has {len(self.group_weights)}",
+            "group_weights",
+            f"has {len(self.group_weights)} entries but group_alphas has {len(self.group_alphas)}",
         )
-        need(all(0 <= a <= 1 for a in self.group_alphas), "synth.group_alphas must lie in [0, 1]")
-        need(all(w > 0 for w in self.group_weights), "synth.group_weights must be > 0")
-        need(self.n_train >= 2 and self.n_eval >= 2, "synth.n_train and synth.n_eval must be >= 2")
+        need(all(0 <= a <= 1 for a in self.group_alphas), "group_alphas", "must lie in [0, 1]")
+        need(all(w > 0 for w in self.group_weights), "group_weights", "must be > 0")
+        check(self, ">= 2", "n_train", "n_eval", "n_content_words", "max_response_words")
         need(
             self.n_topic_words >= len(self.group_alphas),
-            f"synth.n_topic_words must be >= the number of groups ({len(self.group_alphas)})",
+            "n_topic_words",
+            f"must be >= the number of groups ({len(self.group_alphas)})",
         )
+        check(self, ">= 1", "n_filler_words", "max_prompt_words", "ref_steps", "ref_batch_size")
         need(
-            self.n_content_words >= 2 and self.n_filler_words >= 1, "need >= 2 content and >= 1 filler words"
+            0 <= self.n_style_words <= self.n_content_words,
+            "n_style_words",
+            f"must be in [0, n_content_words = {self.n_content_words}], got {self.n_style_words}",
         )
-        need(
-            0 <= self.n_style_words <= self.n_content_words, "synth.n_style_words must be <= n_content_words"
-        )
-        need(
-            self.max_prompt_words >= 1 and self.max_response_words >= 2,
-            "max_prompt_words >= 1, max_response_words >= 2",
-        )
-        need(self.reward_logit_std > 0, "synth.reward_logit_std must be > 0")
-        need(self.filler_penalty >= 0, "synth.filler_penalty must be >= 0")
-        need(self.n_classifier >= 20, "synth.n_classifier must be >= 20")
-        need(
-            self.ref_steps >= 1 and self.ref_batch_size >= 1 and self.ref_lr > 0,
-            "ref_steps, ref_batch_size, ref_lr must be > 0",
-        )
-        need(self.ref_hidden_size % self.ref_heads == 0, "synth.ref_heads must divide synth.ref_hidden_size")
+        check(self, "> 0", "reward_logit_std", "ref_lr")
+        check(self, ">= 20", "n_classifier")
+        need(self.ref_hidden_size % self.ref_heads == 0, "ref_heads", "must divide ref_hidden_size")
 
 
 @dataclass(frozen=True, kw_only=True)

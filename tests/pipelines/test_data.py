@@ -82,7 +82,7 @@ def test_cli_config_flags_and_overrides():
     assert cfg.shifts == ("label_flip:eps=0.1", "length:direction=longer")
     with pytest.raises(UserError, match="unknown config key 'max_len'"):
         build_config(argparse.Namespace(**{**vars(args), "overrides": ["max_len=3"]}))
-    with pytest.raises(UserError, match="eval_fraction must be in"):
+    with pytest.raises(UserError, match="'eval_fraction' must be in"):
         build_config(argparse.Namespace(**{**vars(args), "overrides": ["eval_fraction=1.5"]}))
 
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from pipelines import model as model_lib
-from pipelines.reference import ReferenceStageConfig, compute_reference_dataset, model_fingerprint
+from pipelines.reference import ReferenceCacheConfig, compute_reference_dataset, model_fingerprint
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def cached(ray_session, tiny_model_dir, pairs_dataset, tmp_path_factory):
-    cfg = ReferenceStageConfig(data=str(pairs_dataset), model=str(tiny_model_dir),
+    cfg = ReferenceCacheConfig(data=str(pairs_dataset), model=str(tiny_model_dir),
                                output=str(tmp_path_factory.mktemp("refcache")), batch_size=5)
     return cfg, compute_reference_dataset(cfg)
 
@@ -81,7 +81,7 @@ def test_precomputed_reference_gives_the_live_loss(cached, tiny_model_dir):
 def test_listwise_reference_column_holds_one_logp_per_response(ray_session, tiny_model_dir, listwise_dataset, tmp_path):
     from pipelines import schema
 
-    path = compute_reference_dataset(ReferenceStageConfig(data=str(listwise_dataset), model=str(tiny_model_dir),
+    path = compute_reference_dataset(ReferenceCacheConfig(data=str(listwise_dataset), model=str(tiny_model_dir),
                                                           output=str(tmp_path), batch_size=3))
     source, written = _read(listwise_dataset / "train"), _read(path / "train")
     assert written["row_id"].tolist() == source["row_id"].tolist()  # order preserved
@@ -150,6 +150,6 @@ def test_train_builds_the_reference_stage_config_from_its_own():
     cfg = build_train_config({"model": {"path": "m"}, "data": {"path": "d"}, "objective": {"name": "wdpo"},
                               "reference": {"mode": "precomputed", "cache_dir": "c", "batch_size": 7, "concurrency": 3},
                               "train": {"precision": "bf16", "use_gpu": True}})
-    assert reference_stage_config(cfg) == ReferenceStageConfig(
+    assert reference_stage_config(cfg) == ReferenceCacheConfig(
         data="d", model="m", output="c", batch_size=7, concurrency=3, use_gpu=True, precision="bf16",
         attn_implementation="eager")

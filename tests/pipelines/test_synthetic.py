@@ -99,7 +99,7 @@ def test_cli_reuses_same_settings_and_rejects_bad_input(world_dir, capsys):
     err = capsys.readouterr().err
     assert err.startswith("robust-dpo: error: unknown config key 'synth.bogus'") and err.count("\n") == 1
     assert cli.main(["synth", "--output", str(world_dir / "x"), "synth.alpha_train=1.5"]) == 2
-    assert "synth.alpha_train must be in [0, 1]" in capsys.readouterr().err
+    assert "'synth.alpha_train' must be in [0, 1]" in capsys.readouterr().err
     assert cli.main(["synth", "--output", str(world_dir / "x"), "synth.group_alphas=[1.0]"]) == 2
     assert not (world_dir / "x").exists()
 

@@ -20,7 +20,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipelines.train import FAIL_ENV, load_train_config, train
+from pipelines import config
+from pipelines.train import FAIL_ENV, TrainConfig, train
 
 pytestmark = pytest.mark.ray
 
@@ -30,7 +31,7 @@ REQUIRED_COLUMNS = ("step", "loss", "rewards/chosen", "rewards/rejected", "rewar
 
 
 def _config(model_dir, data_dir, output, *extra):
-    return load_train_config(None, [
+    return config.load(TrainConfig, None, [
         f"model.path={model_dir}", f"data.path={data_dir}", f"output={output}",
         "objective.name=kldpo", "objective.tau=0.1", "objective.beta=0.5",
         "lora.r=4", "lora.alpha=8", "lora.target_modules=[q_proj,v_proj]",

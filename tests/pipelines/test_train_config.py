@@ -6,12 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import config
 from pipelines.errors import UserError
-from pipelines.train.config import (
-    build_train_config,
-    load_train_config,
-    train_config_to_dict,
-)
+from pipelines.train.config import TrainConfig, build_train_config, train_config_to_dict
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "pipelines" / "configs").glob("train_*.yaml"))
 BASE = ["model.path=m", "data.path=d"]
@@ -19,7 +16,7 @@ BASE = ["model.path=m", "data.path=d"]
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_train_config_loads_strictly(path):
-    cfg = load_train_config(path)
+    cfg = config.load(TrainConfig, path)
     assert build_train_config(train_config_to_dict(cfg)) == cfg
 
 
@@ -28,9 +25,9 @@ def test_shipped_configs_exist():
 
 
 def test_objective_hyperparameters_resolve_with_defaults_and_types():
-    cfg = load_train_config(None, BASE + ["objective.name=kldpo", "objective.tau=0.5"])
+    cfg = config.load(TrainConfig, None, BASE + ["objective.name=kldpo", "objective.tau=0.5"])
     assert cfg.objective.hyperparameters == {"beta": 0.1, "tau": 0.5, "normalize": False, "max_weight": 10.0}
-    cfg = load_train_config(None, BASE + ["objective.name=kldpo", "objective.max_weight=3"])
+    cfg = config.load(TrainConfig, None, BASE + ["objective.name=kldpo", "objective.max_weight=3"])
     assert cfg.objective.hyperparameters["max_weight"] == 3.0 and isinstance(cfg.objective.hyperparameters["max_weight"], float)
     flat = train_config_to_dict(cfg)["objective"]
     assert flat == {"name": "kldpo", "beta": 0.1, "tau": 1.0, "normalize": False, "max_weight": 3.0}
@@ -54,7 +51,7 @@ def test_objective_hyperparameters_resolve_with_defaults_and_types():
 )
 def test_bad_config_is_one_line_user_error(overrides, message):
     with pytest.raises(UserError) as info:
-        load_train_config(None, BASE + overrides)
+        config.load(TrainConfig, None, BASE + overrides)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
@@ -99,14 +96,14 @@ def test_dora_needs_a_calibration_column(tmp_path, tiny_model_dir, capsys):
 def test_rerun_into_a_different_run_is_refused(tmp_path, tiny_model_dir, pairs_dataset):
     from pipelines.train import _check_resumable, write_config
 
-    cfg = load_train_config(None, [f"model.path={tiny_model_dir}", f"data.path={pairs_dataset}",
+    cfg = config.load(TrainConfig, None, [f"model.path={tiny_model_dir}", f"data.path={pairs_dataset}",
                                    "objective.name=dpo", f"output={tmp_path}"])
     write_config(cfg, tmp_path / "config.yaml")
     (tmp_path / "checkpoints").mkdir()
-    longer = load_train_config(None, [f"model.path={tiny_model_dir}", f"data.path={pairs_dataset}",
+    longer = config.load(TrainConfig, None, [f"model.path={tiny_model_dir}", f"data.path={pairs_dataset}",
                                       "objective.name=dpo", "train.max_steps=99", f"output={tmp_path}"])
     _check_resumable(longer, tmp_path)  # run length may change on resume
-    other = load_train_config(None, [f"model.path={tiny_model_dir}", f"data.path={pairs_dataset}",
+    other = config.load(TrainConfig, None, [f"model.path={tiny_model_dir}", f"data.path={pairs_dataset}",
                                      "objective.name=dpo", "objective.beta=0.2", f"output={tmp_path}"])
     with pytest.raises(UserError, match=r"objective.beta=0.1, but this run has objective.beta=0.2"):
         _check_resumable(other, tmp_path)
@@ -126,7 +123,7 @@ def test_learning_rate_schedule():
 
     from pipelines.train.loop import build_schedule
 
-    cfg = load_train_config(None, BASE + ["objective.name=dpo", "train.warmup_steps=2", "train.lr_schedule=linear",
+    cfg = config.load(TrainConfig, None, BASE + ["objective.name=dpo", "train.warmup_steps=2", "train.lr_schedule=linear",
                                           "train.lr=1.0"])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = build_schedule(optimizer, cfg, total_steps=6)
@@ -137,3 +134,27 @@ def test_learning_rate_schedule():
         scheduler.step()
     # warmup (s+1)/2 for s < 2, then 1 - (s-2)/4
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.batch_size=0"], "config key 'train.batch_size' must be >= 1, got 0"),
+        (["train.lr=0"], "config key 'train.lr' must be > 0, got 0.0"),
+        (["train.weight_decay=-0.1"], "config key 'train.weight_decay' must be >= 0, got -0.1"),
+        (["lora.r=-1"], "config key 'lora.r' must be >= 0, got -1"),
+        (["reference.concurrency=0"], "config key 'reference.concurrency' must be >= 1, got 0"),
+        (["data.shuffle_buffer=-1"], "config key 'data.shuffle_buffer' must be >= 0, got -1"),
+    ],
+)
+def test_range_errors_name_the_full_key(overrides, message):
+    with pytest.raises(UserError) as info:
+        config.load(TrainConfig, None, BASE + ["objective.name=dpo", *overrides])
+    assert str(info.value) == message
+
+
+def test_output_flag_meets_output_override(tmp_path):
+    cfg = config.load(TrainConfig, None, BASE + ["objective.name=dpo"], flags={"output": str(tmp_path)})
+    assert cfg.output == str(tmp_path)
+    with pytest.raises(UserError, match="config key 'output' is set by its command-line flag"):
+        config.load(TrainConfig, None, BASE + ["objective.name=dpo", "output=x"], flags={"output": str(tmp_path)})

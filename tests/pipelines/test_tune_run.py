@@ -12,6 +12,7 @@ import json
 import pandas as pd
 import pytest
 
+from pipelines import config
 from pipelines import tune as tune_lib
 from pipelines.cli import main
 from pipelines.errors import UserError
@@ -24,27 +25,30 @@ def test_trial_name_is_deterministic_and_safe():
     assert "=" not in a and "/" not in tune_lib.trial_name({"name": "x", "p": "a/b"})
 
 
+def _tune_config(*overrides, output="out"):
+    return config.load(tune_lib.TuneConfig, None, overrides, flags={"output": output})
+
+
 def test_tune_config_splits_sweep_keys_from_train_keys():
-    cfg = tune_lib.load_tune_config(None, ["search.objectives=dpo,kldpo", "trial_eval.reward=world:w",
-                                           "train.max_steps=3", "model.path=m", "objective.beta=0.2"], "out")
+    cfg = _tune_config("search.objectives=dpo,kldpo", "trial_eval.reward=world:w", "train.max_steps=3",
+                       "model.path=m", "objective.beta=0.2")
     assert cfg.search.objectives == ["dpo", "kldpo"]
     assert cfg.trial_eval.reward == "world:w"
     assert cfg.base == {"train": {"max_steps": 3}, "model": {"path": "m"}, "objective": {"beta": 0.2}}
     with pytest.raises(UserError, match="unknown config key 'search.objectivs'"):
-        tune_lib.load_tune_config(None, ["search.objectivs=dpo"], "out")
+        _tune_config("search.objectivs=dpo")
 
 
 def test_tune_checks_fail_before_ray(tmp_path):
-    cfg = tune_lib.load_tune_config(None, ["search.objectives=dpo,kldpoo", "trial_eval.reward=world:w"],
-                                    str(tmp_path))
+    cfg = _tune_config("search.objectives=dpo,kldpoo", "trial_eval.reward=world:w", output=str(tmp_path))
     with pytest.raises(UserError, match="unknown objective 'kldpoo'"):
         tune_lib.check_tune_config(cfg)
-    cfg = tune_lib.load_tune_config(None, ["search.objectives=dpo"], str(tmp_path))
+    cfg = _tune_config("search.objectives=dpo", output=str(tmp_path))
     with pytest.raises(UserError, match="trial_eval.reward' is required"):
         tune_lib.check_tune_config(cfg)
-    cfg = tune_lib.load_tune_config(None, ["search.objectives=kldpo", "search.overrides={kldpo: {taux: [1]}}",
-                                           "trial_eval.reward=pipelines.evaluate.rewards:word_count",
-                                           f"model.path={tmp_path}", f"data.path={tmp_path}"], str(tmp_path))
+    cfg = _tune_config("search.objectives=kldpo", "search.overrides={kldpo: {taux: [1]}}",
+                       "trial_eval.reward=pipelines.evaluate.rewards:word_count",
+                       f"model.path={tmp_path}", f"data.path={tmp_path}", output=str(tmp_path))
     with pytest.raises(UserError, match="taux"):
         tune_lib.check_tune_config(cfg)
 
