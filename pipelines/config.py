@@ -99,9 +99,10 @@ def check(cfg: Any, rule: str, *names: str) -> None:
             raise FieldError(name, f"must be {'in ' if rule[0] in '[(' else ''}{rule}, got {value!r}")
 
 
-def catch_all() -> Any:
-    """A dict field that collects every key of its mapping that is not a field (see the module docstring)."""
-    return dataclasses.field(default_factory=dict, metadata={CATCH_ALL: True})
+def catch_all(schema: type | None = None) -> Any:
+    """A dict field that collects every key of its mapping that is not a field (see the module
+    docstring); `schema` is the config class those keys belong to (their paths are resolved by it)."""
+    return dataclasses.field(default_factory=dict, metadata={CATCH_ALL: True, "schema": schema})
 
 
 # [1] Building a dataclass strictly ----------------------------------------------------------------
@@ -345,9 +346,15 @@ def load(
     *,
     flags: Mapping[str, Any] | None = None,
     section: str | None = None,
+    strict_paths: bool = True,
 ) -> T:
-    """Build `cls` strictly from its defaults <- YAML at `path` <- `overrides` and `flags` (see `collect`)."""
-    return build(cls, collect(path, overrides, flags=flags, section=section))
+    """Build `cls` strictly from its defaults <- YAML at `path` <- `overrides` and `flags` (see `collect`),
+    with every path resolved against the current working directory (`pipelines.paths`; a missing
+    input is an error unless `strict_paths=False`, for configs checked with placeholder paths)."""
+    from pipelines.paths import resolve_config_paths
+
+    cfg = build(cls, collect(path, overrides, flags=flags, section=section))
+    return resolve_config_paths(cfg, strict=strict_paths)
 
 
 def dump(cfg: Any, path: str | Path) -> None:

@@ -57,12 +57,13 @@ def looks_local(value: str, cwd: Path) -> bool:
     return (cwd / value.split("/", 1)[0]).is_dir()
 
 
-def resolve_path(value: str, kind: str, key: str, cwd: str | Path | None = None) -> str:
+def resolve_path(value: str, kind: str, key: str, cwd: str | Path | None = None, strict: bool = True) -> str:
     """The value of config key `key` resolved against `cwd` (default: the current directory).
 
     Raises:
-        UserError: an input that does not exist, or a model/dataset path that looks local and
-            does not exist (the message names the key).
+        UserError (with `strict`): an input that does not exist, or a model/dataset path that looks
+            local and does not exist (the message names the key).  Without `strict` such a path is
+            only made absolute (configs built for a check, with placeholder paths).
     """
     if not value or is_uri(value):
         return value
@@ -75,20 +76,22 @@ def resolve_path(value: str, kind: str, key: str, cwd: str | Path | None = None)
         return str(path)
     if kind in (MODEL, DATASET) and not looks_local(value, cwd):
         return value  # a Hub id
+    if not strict:
+        return str(path)
     raise UserError(f"config key '{key}': path '{value}' does not exist (resolved against {cwd})")
 
 
-def resolve_reward(value: str, key: str, cwd: str | Path | None = None) -> str:
+def resolve_reward(value: str, key: str, cwd: str | Path | None = None, strict: bool = True) -> str:
     """`world:DIR[:NAME]` and `hf:PATH` get their path resolved; `module:function` stays."""
     if value.startswith("world:"):
         directory, _, name = value[len("world:"):].partition(":")
-        return "world:" + resolve_path(directory, INPUT, key, cwd) + (f":{name}" if name else "")
+        return "world:" + resolve_path(directory, INPUT, key, cwd, strict) + (f":{name}" if name else "")
     if value.startswith("hf:"):
-        return "hf:" + resolve_path(value[len("hf:"):], MODEL, key, cwd)
+        return "hf:" + resolve_path(value[len("hf:"):], MODEL, key, cwd, strict)
     return value
 
 
-def resolve_config_paths(cfg: Any, cwd: str | Path | None = None, prefix: str = "") -> Any:
+def resolve_config_paths(cfg: Any, cwd: str | Path | None = None, prefix: str = "", strict: bool = True) -> Any:
     """A copy of dataclass `cfg` with every path-annotated field resolved (nested sections too).
 
     List fields of a path kind resolve each item; an item `NAME=PATH` keeps its name."""
@@ -101,13 +104,15 @@ def resolve_config_paths(cfg: Any, cwd: str | Path | None = None, prefix: str = 
         value = getattr(cfg, field.name)
         kind = _kind_of(hints.get(field.name))
         if dataclasses.is_dataclass(value):
-            new = resolve_config_paths(value, cwd, key)
+            new = resolve_config_paths(value, cwd, key, strict)
+        elif isinstance(value, dict) and field.metadata.get("schema") is not None:
+            new = resolve_mapping(value, field.metadata["schema"], cwd, prefix, strict)  # a catch_all section
         elif kind is None:
             continue
         elif isinstance(value, list):
-            new = [_resolve_one(v, kind, f"{key}[{i}]", cwd) for i, v in enumerate(value)]
+            new = [_resolve_one(v, kind, f"{key}[{i}]", cwd, strict) for i, v in enumerate(value)]
         elif isinstance(value, str):
-            new = _resolve_one(value, kind, key, cwd)
+            new = _resolve_one(value, kind, key, cwd, strict)
         else:
             continue
         if new != value:
@@ -115,13 +120,29 @@ def resolve_config_paths(cfg: Any, cwd: str | Path | None = None, prefix: str = 
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-def _resolve_one(value: str, kind: str, key: str, cwd) -> str:
+def resolve_mapping(values: dict, cls: type, cwd: str | Path | None = None, prefix: str = "",
+                    strict: bool = True) -> dict:
+    """A copy of the raw mapping `values` of config class `cls` with its path keys resolved."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = dict(values)
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints.get(name)
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
+        if isinstance(value, dict) and dataclasses.is_dataclass(inner):
+            out[name] = resolve_mapping(value, inner, cwd, key, strict)
+        elif isinstance(value, str) and _kind_of(tp) is not None:
+            out[name] = _resolve_one(value, _kind_of(tp), key, cwd, strict)
+    return out
+
+
+def _resolve_one(value: str, kind: str, key: str, cwd, strict: bool) -> str:
     if kind == REWARD:
-        return resolve_reward(value, key, cwd)
+        return resolve_reward(value, key, cwd, strict)
     name, eq, path = value.partition("=")
     if eq and kind == INPUT and "/" not in name and not Path(value).exists():
-        return f"{name}={resolve_path(path, kind, key, cwd)}"  # evaluate's --checkpoint NAME=PATH
-    return resolve_path(value, kind, key, cwd)
+        return f"{name}={resolve_path(path, kind, key, cwd, strict)}"  # evaluate's --checkpoint NAME=PATH
+    return resolve_path(value, kind, key, cwd, strict)
 
 
 def _kind_of(tp: Any) -> PathKind | None:

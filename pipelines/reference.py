@@ -34,6 +34,7 @@ from pipelines import config as config_lib
 from pipelines import model as model_lib
 from pipelines import row_order, schema
 from pipelines.ray_session import actor_pool, ensure_ray
+from pipelines.paths import InputPath, ModelPath, OutputPath
 
 REFERENCE_INFO = "reference.json"
 HASH_CHUNK = 1 << 22
@@ -43,9 +44,9 @@ HASH_CHUNK = 1 << 22
 class ReferenceCacheConfig:
     """The whole reference stage: which data and model, and where and how to build the cache."""
 
-    data: str  # a dataset written by `robust-dpo data`; required; --data
-    model: str  # the reference model (HF path); required; --model
-    output: str = ""  # cache root; "" = $ROBUST_DPO_CACHE or ~/.cache/robust-dpo/reference; --output
+    data: InputPath  # a dataset written by `robust-dpo data`; required; --data
+    model: ModelPath  # the reference model (HF path); required; --model
+    output: OutputPath = ""  # cache root; "" = $ROBUST_DPO_CACHE or ~/.cache/robust-dpo/reference; --output
     batch_size: int = 16  # pairs (or lists) per forward in an actor; >= 1
     concurrency: int = 1  # actors in the map_batches pool; >= 1
     use_gpu: bool = False  # one GPU per actor

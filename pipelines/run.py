@@ -29,8 +29,10 @@ from pipelines import data, evaluate, report, schema, tune
 from pipelines import world as world_lib
 from pipelines.errors import UserError
 from pipelines.evaluate import EvaluateConfig, EvaluateOptionsConfig
+from pipelines.train.config import TrainConfig
 from pipelines.tune import SearchConfig, TrialEvalConfig, TuneConfig
 from pipelines.world import WorldConfig
+from pipelines.paths import OutputPath, RewardSpec
 
 # Training defaults for the embedded world's tiny model (train-config values; user keys win).
 DEFAULT_TRAIN = {
@@ -45,7 +47,7 @@ OWN_KEYS = ("model", "data", "output")
 class RunOptionsConfig:
     grid: list[str] = field(default_factory=lambda: [
         "mixture:alpha=0:1:6", "label_flip:eps=0:0.4:3", "source_mixture:target=0:1:3"])  # evaluation shift grids
-    reward: str = ""  # reward of the evaluation; "" = the world's mixture (levels of the mixture grid)
+    reward: RewardSpec = ""  # reward of the evaluation; "" = the world's mixture (levels of the mixture grid)
     include_reference: bool = True  # evaluate the untrained reference as a baseline row
 
 
@@ -53,13 +55,13 @@ class RunOptionsConfig:
 class RunConfig:
     """The whole run stage: every section typed except `base`, which `load_run_config` checks as a train config."""
 
-    output: str  # required: run directory; --output
+    output: OutputPath  # required: run directory; --output
     synth: WorldConfig = field(default_factory=WorldConfig)
     run: RunOptionsConfig = field(default_factory=RunOptionsConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     trial_eval: TrialEvalConfig = field(default_factory=TrialEvalConfig)
     evaluate: EvaluateOptionsConfig = field(default_factory=EvaluateOptionsConfig)  # beta is the trained objective.beta
-    base: dict = config_lib.catch_all()  # train-config values for every trial (train.*, lora.*, objective.*): every key not above
+    base: dict = config_lib.catch_all(schema=TrainConfig)  # train-config values for every trial (train.*, lora.*, objective.*): every key not above
 
 
 def load_run_config(path: str | None, overrides: Sequence[str], output: str) -> RunConfig:

@@ -39,7 +39,8 @@ import pandas as pd
 
 from pipelines import config as config_lib
 from pipelines.errors import UserError
-from pipelines.train.config import build_train_config
+from pipelines.train.config import TrainConfig, build_train_config
+from pipelines.paths import OutputPath, RewardSpec
 
 TRIALS_DIR = "trials"
 TRIAL_RESULT = "trial_result.json"
@@ -73,7 +74,7 @@ class SearchConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrialEvalConfig:
-    reward: str = ""  # world:DIR[:NAME] | hf:PATH | module:function; required (scores the samples)
+    reward: RewardSpec = ""  # world:DIR[:NAME] | hf:PATH | module:function; required (scores the samples)
     num_prompts: int = 32  # distinct eval prompts (first in file order); >= 1
     samples_per_prompt: int = 4  # samples per prompt at temperature 1; >= 1
     max_new_tokens: int = 16  # response cap in tokens
@@ -87,10 +88,10 @@ class TrialEvalConfig:
 class TuneConfig:
     """The whole tune stage: `search.*`, `trial_eval.*`, and every other key is a train-config value."""
 
-    output: str  # required: sweep directory; --output
+    output: OutputPath  # required: sweep directory; --output
     search: SearchConfig = field(default_factory=SearchConfig)
     trial_eval: TrialEvalConfig = field(default_factory=TrialEvalConfig)
-    base: dict = config_lib.catch_all()  # train-config values shared by every trial (model.path, train.max_steps, ...): every key not above
+    base: dict = config_lib.catch_all(schema=TrainConfig)  # train-config values shared by every trial (model.path, train.max_steps, ...): every key not above
 
 
 # [1] Trials: explicit, validated, deterministically named --------------------------------------

@@ -36,6 +36,7 @@ from pipelines.data.formats import (
     FILE_SUFFIXES, INPUT_FORMATS, RowError, detect_format, iter_file_records, output_columns, output_format,
     parse_record, prepare_rows, prepared_schema,
 )
+from pipelines.paths import DatasetPath, ModelPath, OutputPath
 
 MAX_ERROR_LINES = 20
 ROWS_PER_FILE = 50_000  # rows per written parquet file
@@ -48,9 +49,9 @@ SPLIT_WORDS = ("train", "eval", "test", "validation")
 class DataConfig:
     """Everything `robust-dpo data` needs; overrides as `key=value` or `data.key=value`."""
 
-    dataset: str  # SRC: a .jsonl/.json/.parquet file, a folder of them, or a hub name owner/name
-    tokenizer: str  # path or hub name for AutoTokenizer.from_pretrained
-    output: str  # output folder (created; its split folders are replaced)
+    dataset: DatasetPath  # SRC: a .jsonl/.json/.parquet file, a folder of them, or a hub name owner/name
+    tokenizer: ModelPath  # path or hub name for AutoTokenizer.from_pretrained
+    output: OutputPath  # output folder (created; its split folders are replaced)
     format: Literal["auto", "pairs", "hh", "chat", "listwise"] = "auto"  # input format; auto = detect
     on_invalid: Literal["fail", "skip"] = "fail"  # fail: exit 2 naming bad rows; skip: drop + list them
     shifts: tuple[str, ...] = ()  # shift specs applied in order (pipelines/data/shifts.py grammar)

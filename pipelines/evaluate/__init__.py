@@ -45,6 +45,7 @@ from pipelines.data import shifts
 from pipelines.errors import UserError
 from pipelines.evaluate.generation import SampleResponses
 from pipelines.ray_session import actor_pool
+from pipelines.paths import InputPath, ModelPath, OutputPath, RewardSpec
 from robust_objectives import PreferenceLogps
 from robust_objectives.dpo import compute_log_ratios, compute_pair_losses, summarize_rewards
 
@@ -74,7 +75,7 @@ class EvaluateOptionsConfig:
     """The `key=value` options of `robust-dpo evaluate`; `run` nests them as its `evaluate:` section."""
 
     split: str = "eval"  # split of `data` to evaluate on
-    tokenizer: str = ""  # decodes samples for the reward; "" = the dataset's tokenizer, else the reference's
+    tokenizer: ModelPath = ""  # decodes samples for the reward; "" = the dataset's tokenizer, else the reference's
     beta: float = 0.1  # beta of the held-out DPO loss, 1/nats (use the trained beta to compare losses)
     max_pairs: int = 0  # eval pairs used (the first ones in file order); 0 = all
     batch_size: int = 32  # pairs per forward in the log-prob actors
@@ -93,12 +94,12 @@ class EvaluateOptionsConfig:
 class EvaluateConfig(EvaluateOptionsConfig):
     """The whole evaluate stage: the inputs its command-line flags name, plus the options."""
 
-    checkpoints: list[str]  # required: policy dirs, "PATH" or "NAME=PATH" (NAME becomes trial_id); --checkpoint
-    reference: str  # required: reference model dir (from_pretrained); --reference
-    data: str  # required: a pairs dataset written by `robust-dpo data` (DIR with manifest.json); --data
-    output: str  # required: output folder; --output
+    checkpoints: list[InputPath]  # required: policy dirs, "PATH" or "NAME=PATH" (NAME becomes trial_id); --checkpoint
+    reference: ModelPath  # required: reference model dir (from_pretrained); --reference
+    data: InputPath  # required: a pairs dataset written by `robust-dpo data` (DIR with manifest.json); --data
+    output: OutputPath  # required: output folder; --output
     grid: list[str] = field(default_factory=list)  # shift specs or grids (mixture:alpha=0:1:11); empty = unshifted only; --grid
-    reward: str = ""  # world:DIR[:NAME] | hf:PATH | module:function; "" = no reward (KL and pair metrics only); --reward
+    reward: RewardSpec = ""  # world:DIR[:NAME] | hf:PATH | module:function; "" = no reward (KL and pair metrics only); --reward
 
     def __post_init__(self):
         super().__post_init__()

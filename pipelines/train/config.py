@@ -21,6 +21,7 @@ from typing import Any, Literal, Mapping
 from pipelines import config as config_lib
 from pipelines import schema
 from pipelines.errors import UserError
+from pipelines.paths import InputPath, ModelPath, OutputPath
 
 # Keys a rerun with the same --output may change without invalidating the checkpoints there:
 # they change how long or where the run goes, not what a step computes.
@@ -40,13 +41,13 @@ RESUMABLE_CHANGES = (
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    path: str  # HF causal LM: a local dir (or a cached hub id) loadable with from_pretrained; required
+    path: ModelPath  # HF causal LM: a local dir (or a cached hub id) loadable with from_pretrained; required
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"] = "auto"  # auto = eager for objectives that need double backward (wdpo), else sdpa
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainDataConfig:
-    path: str  # a dataset written by `robust-dpo data` (DIR with manifest.json); required
+    path: InputPath  # a dataset written by `robust-dpo data` (DIR with manifest.json); required
     train_split: str = "train"  # split folder to train on
     eval_split: str = "auto"  # split for eval metrics; auto = "eval" when present, "none" = no evaluation
     shuffle_buffer: int = 10000  # rows; per-epoch seeded local shuffle buffer, 0 = file order
@@ -116,7 +117,7 @@ class TrainLoraConfig:
 @dataclass(frozen=True, kw_only=True)
 class ReferenceConfig:
     mode: Literal["live", "precomputed"] = "live"  # live = reference forward each step; precomputed = cached columns from `robust-dpo reference`
-    cache_dir: str = ""  # precomputed cache root; "" = $ROBUST_DPO_CACHE or ~/.cache/robust-dpo/reference
+    cache_dir: OutputPath = ""  # precomputed cache root; "" = $ROBUST_DPO_CACHE or ~/.cache/robust-dpo/reference
     batch_size: int = 16  # pairs per forward in the precompute actors
     concurrency: int = 1  # precompute actors (one GPU each when train.use_gpu)
 
@@ -134,7 +135,7 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     lora: TrainLoraConfig = field(default_factory=TrainLoraConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    output: str = ""  # run directory (the CLI's --output); checkpoints, metrics.csv, final_model go here
+    output: OutputPath = ""  # run directory (the CLI's --output); checkpoints, metrics.csv, final_model go here
 
     def __post_init__(self):
         check_train_config(self)

@@ -205,15 +205,20 @@ def test_run_config_nests_typed_sections_with_run_defaults():
     assert cfg.search.objectives == ["dpo", "kldpo"] and cfg.synth.max_response_words == 20
 
 
-def test_evaluate_and_data_flags_follow_the_one_rule():
+def test_evaluate_and_data_flags_follow_the_one_rule(tmp_path, monkeypatch):
     import argparse
 
     from pipelines import data, evaluate
 
+    monkeypatch.chdir(tmp_path)  # the paths below exist here; load resolves them against it
+    for name in ("a", "r", "d", "t"):
+        (tmp_path / name).mkdir()
     args = argparse.Namespace(checkpoint=["a"], reference="r", data="d", output="o", grid=None, reward=None,
                               overrides=["evaluate.beta=0.05", "generation.samples_per_prompt=8"])
     cfg = evaluate.build_config(args)
-    assert (cfg.beta, cfg.generation.samples_per_prompt, cfg.checkpoints, cfg.grid) == (0.05, 8, ["a"], [])
+    assert (cfg.beta, cfg.generation.samples_per_prompt, cfg.checkpoints, cfg.grid) == (
+        0.05, 8, [str(tmp_path / "a")], [])
+    assert (cfg.reference, cfg.data, cfg.output) == (str(tmp_path / "r"), str(tmp_path / "d"), str(tmp_path / "o"))
     with pytest.raises(UserError, match="config key 'reference' is set by its command-line flag"):
         evaluate.build_config(argparse.Namespace(**{**vars(args), "overrides": ["reference=x"]}))
     with pytest.raises(UserError, match="config key 'generation.max_new_tokens' must be >= 1, got 0"):

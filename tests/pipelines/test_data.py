@@ -73,17 +73,24 @@ def test_bad_sources_are_one_line_errors(tmp_path):
         resolve_source(str(tmp_path))
 
 
-def test_cli_config_flags_and_overrides():
+def test_cli_config_flags_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "d" and "t" exist here: paths resolve against the working directory
+    (tmp_path / "d").mkdir()
+    (tmp_path / "t").mkdir()
     args = argparse.Namespace(dataset="d", tokenizer="t", output="o",
                               shift=["label_flip:eps=0.1", "length:direction=longer"],
                               on_invalid="skip", format=None, overrides=["max_length=64", "data.seed=3"])
     cfg = build_config(args)
     assert (cfg.max_length, cfg.seed, cfg.on_invalid, cfg.format) == (64, 3, "skip", "auto")
+    assert (cfg.dataset, cfg.tokenizer, cfg.output) == (str(tmp_path / "d"), str(tmp_path / "t"), str(tmp_path / "o"))
     assert cfg.shifts == ("label_flip:eps=0.1", "length:direction=longer")
     with pytest.raises(UserError, match="unknown config key 'max_len'"):
         build_config(argparse.Namespace(**{**vars(args), "overrides": ["max_len=3"]}))
     with pytest.raises(UserError, match="'eval_fraction' must be in"):
         build_config(argparse.Namespace(**{**vars(args), "overrides": ["eval_fraction=1.5"]}))
+    with pytest.raises(UserError, match="config key 'dataset': path 'runs/missing.jsonl' does not exist"):
+        (tmp_path / "runs").mkdir()
+        build_config(argparse.Namespace(**{**vars(args), "dataset": "runs/missing.jsonl"}))
 
 
 def test_fingerprint_covers_bytes_and_config(tmp_path, tiny_model_dir):

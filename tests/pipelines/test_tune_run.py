@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+from pathlib import Path
+
 import pytest
 
 from pipelines import config
@@ -26,15 +28,16 @@ def test_trial_name_is_deterministic_and_safe():
 
 
 def _tune_config(*overrides, output="out"):
-    return config.load(tune_lib.TuneConfig, None, overrides, flags={"output": output})
+    return config.load(tune_lib.TuneConfig, None, overrides, flags={"output": output}, strict_paths=False)
 
 
 def test_tune_config_splits_sweep_keys_from_train_keys():
     cfg = _tune_config("search.objectives=dpo,kldpo", "trial_eval.reward=world:w", "train.max_steps=3",
                        "model.path=m", "objective.beta=0.2")
     assert cfg.search.objectives == ["dpo", "kldpo"]
-    assert cfg.trial_eval.reward == "world:w"
-    assert cfg.base == {"train": {"max_steps": 3}, "model": {"path": "m"}, "objective": {"beta": 0.2}}
+    # paths are resolved against the working directory, inside the train-config section too
+    assert cfg.trial_eval.reward == f"world:{Path.cwd() / 'w'}"
+    assert cfg.base == {"train": {"max_steps": 3}, "model": {"path": str(Path.cwd() / "m")}, "objective": {"beta": 0.2}}
     with pytest.raises(UserError, match="unknown config key 'search.objectivs'"):
         _tune_config("search.objectivs=dpo")
 
