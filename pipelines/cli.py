@@ -1,17 +1,31 @@
 """`robust-dpo <stage> ...`: one subcommand per pipeline stage.
 
-Each stage module exposes `add_arguments(parser)` and `main(args) -> int`.  Modules are imported
-only when their subcommand runs, so `robust-dpo --help` stays fast and works before Ray or
-transformers are imported.  Bad input raises `UserError`, printed as one line with exit code 2.
+Each stage module exposes `add_arguments(parser)`, `CONFIG` (its config class), `build_config(args)`
+and `main(args) -> int`.  Modules are imported only when their subcommand runs, so `robust-dpo
+--help` stays fast.  Every stage also takes
+- `--print-config`: print the resolved config (paths resolved, defaults filled in) as YAML and exit 0,
+  without starting Ray;
+- `--verbose`: Ray's own log lines (Data progress, Tune tables, worker output) on the console too;
+  by default they go to `<output>/logs/ray.log` and the console holds the stage's own lines;
+and `robust-dpo <stage> --help` lists every key with its type, default and meaning, generated from
+the config dataclasses.
+
+Exit codes: 0 the work is done; 1 part of the work failed (a trial, a worker: the error and where its
+full log is are printed); 2 bad input (`UserError`: one line naming what is wrong and where).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 
+from pipelines import console
 from pipelines.errors import UserError
+
+LOG_DIR_ENV = "ROBUST_DPO_LOG_DIR"  # where ensure_ray sends Ray's own log lines
 
 # name -> (module, one-line help).  The single list of subcommands.
 STAGES: dict[str, tuple[str, str]] = {
@@ -32,10 +46,46 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
     for name, (module, help_text) in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == stage:
-            importlib.import_module(module).add_arguments(p)
+            stage_module = importlib.import_module(module)
+            stage_module.add_arguments(p)
+            p.add_argument("--print-config", action="store_true",
+                           help="print the resolved config as YAML and exit (starts nothing)")
+            p.add_argument("--verbose", action="store_true",
+                           help="Ray's own log lines on the console too (always in OUTPUT/logs/ray.log)")
+            p.epilog = keys_help(stage_module.CONFIG)
     return parser
+
+
+def keys_help(cls) -> str:
+    """The `key=value` keys of a stage's config: key, type, default and meaning, one per line."""
+    from pipelines import config as config_lib
+
+    rows = config_lib.describe(cls)
+    lines = ["keys (key=value, or the same nesting in --config YAML):"]
+    width = min(40, max(len(r.key) for r in rows))
+    for r in rows:
+        default = "required" if r.default is config_lib.REQUIRED else f"default {r.default!r}"
+        lines.append(f"  {r.key:<{width}}  {r.type}, {default}" + (f": {r.comment}" if r.comment else ""))
+    for field in __import__("dataclasses").fields(cls):
+        schema = field.metadata.get("schema")
+        if schema is not None:
+            lines.append(f"  every other key: a {schema.__name__} key shared by every trial (see `robust-dpo train --help`)")
+    if any(r.key.startswith("objective.") for r in rows):
+        lines.append(objectives_help())
+    return "\n".join(lines)
+
+
+def objectives_help() -> str:
+    import robust_objectives
+
+    lines = ["objective.<hyperparameter> by objective.name (defaults):"]
+    for name in robust_objectives.OBJECTIVES:
+        params = ", ".join(f"{k}={v!r}" for k, v in robust_objectives.objective_hyperparameters(name).items())
+        lines.append(f"  {name}: {params}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         module = importlib.import_module(STAGES[args.stage][0])
+        if args.verbose:
+            os.environ[console.VERBOSE_ENV] = "1"
+        console.restart_clock()
+        console.quiet_libraries()
+        if args.print_config:
+            return print_config(module.build_config(args))
+        output = getattr(args, "output", None)
+        if output:
+            os.environ.setdefault(LOG_DIR_ENV, str(Path(output).resolve() / "logs"))
         return int(module.main(args) or 0)
     except UserError as exc:
         print(f"robust-dpo: error: {exc}", file=sys.stderr)
@@ -61,6 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("robust-dpo: interrupted", file=sys.stderr)
         return 130
+
+
+def print_config(cfg) -> int:
+    import dataclasses
+    import json
+
+    import yaml
+
+    print(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False), end="")
+    return 0
 
 
 if __name__ == "__main__":

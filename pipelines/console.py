@@ -111,6 +111,20 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
+def quiet_libraries() -> None:
+    """No per-file progress bars from transformers / huggingface_hub (model saves and loads)."""
+    if verbose():
+        return
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        disable_progress_bars()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 RAY_LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train", "ray.air", "ray.util")
 
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
+from pathlib import Path
 from typing import Iterator
+
+from pipelines import console
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -21,19 +25,26 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Quiet, offline-friendly defaults: no dashboard, no usage stats.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Workers' prints (training progress) are forwarded to this terminal unless turned off: the
-    # tests turn it off so that stderr holds only what the command under test printed.
-    log_to_driver = os.environ.get("ROBUST_DPO_RAY_LOG_TO_DRIVER", "1") != "0"
+    # Workers' output reaches this console only with --verbose (progress comes back through the
+    # stages' own channels); Ray keeps it in its session folder, linked from <output>/logs/.
+    log_to_driver = console.verbose()
+    data_context = None
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
-        return
-    ray.init(
-        num_cpus=num_cpus or max(8, 2 * (os.cpu_count() or 2)),
-        include_dashboard=False,
-        log_to_driver=log_to_driver,
-        configure_logging=True,
-        logging_level="WARNING",
-    )
+    else:
+        ray.init(
+            num_cpus=num_cpus or max(8, 2 * (os.cpu_count() or 2)),
+            include_dashboard=False,
+            log_to_driver=log_to_driver,
+            configure_logging=True,
+            logging_level="WARNING",
+        )
+    from ray.data import DataContext
+
+    data_context = DataContext.get_current()
+    data_context.enable_progress_bars = console.verbose()
+    data_context.print_on_execution_start = console.verbose()
+    console.quiet_ray(os.environ.get("ROBUST_DPO_LOG_DIR") or Path(tempfile.gettempdir()) / "robust-dpo-logs")
 
 
 @contextlib.contextmanager

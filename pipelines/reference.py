@@ -179,9 +179,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value: batch_size, concurrency, use_gpu, precision")
 
 
-def main(args: argparse.Namespace) -> int:
+CONFIG = ReferenceCacheConfig  # the keys `--help` lists
+
+
+def build_config(args: argparse.Namespace) -> ReferenceCacheConfig:
     flags = {"data": args.data, "model": args.model, "output": args.output}
-    cfg = config_lib.load(ReferenceCacheConfig, None, args.overrides, flags=flags)
+    return config_lib.load(ReferenceCacheConfig, None, args.overrides, flags=flags)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
     schema.read_manifest(cfg.data)
     model_lib.load_model_config(cfg.model, "--model")
     print(compute_reference_dataset(cfg))

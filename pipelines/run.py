@@ -19,6 +19,7 @@ it, the trials' train config included, so a typo anywhere fails (exit 2) before 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,12 +28,15 @@ from typing import Sequence
 from pipelines import config as config_lib
 from pipelines import data, evaluate, report, schema, tune
 from pipelines import world as world_lib
+from pipelines import tracking as tracking_lib
+from pipelines.console import say
 from pipelines.errors import UserError
+from pipelines.tracking import MlflowConfig, TrackingConfig, WandbConfig
 from pipelines.evaluate import EvaluateConfig, EvaluateOptionsConfig
 from pipelines.train.config import TrainConfig
 from pipelines.tune import SearchConfig, TrialEvalConfig, TuneConfig
 from pipelines.world import WorldConfig
-from pipelines.paths import OutputPath, RewardSpec
+from pipelines.paths import OutputPath, RewardSpec, resolve_config_paths
 
 # Training defaults for the embedded world's tiny model (train-config values; user keys win).
 DEFAULT_TRAIN = {
@@ -61,7 +65,16 @@ class RunConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     trial_eval: TrialEvalConfig = field(default_factory=TrialEvalConfig)
     evaluate: EvaluateOptionsConfig = field(default_factory=EvaluateOptionsConfig)  # beta is the trained objective.beta
+    tracking: list[str] = field(default_factory=list)  # report to any of tensorboard, mlflow, wandb (pipelines/tracking.py)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     base: dict = config_lib.catch_all(schema=TrainConfig)  # train-config values for every trial (train.*, lora.*, objective.*): every key not above
+
+    def __post_init__(self):
+        tracking_lib.check_names(self.tracking)
+
+    def tracking_config(self) -> TrackingConfig:
+        return TrackingConfig(backends=list(self.tracking), mlflow=self.mlflow, wandb=self.wandb)
 
 
 def load_run_config(path: str | None, overrides: Sequence[str], output: str) -> RunConfig:
@@ -71,7 +84,7 @@ def load_run_config(path: str | None, overrides: Sequence[str], output: str) -> 
     synth = config_lib.build(WorldConfig, values.get("synth"), prefix="synth")
     defaults = {"base": DEFAULT_TRAIN, "evaluate": {"generation": {
         "num_prompts": 32, "samples_per_prompt": 4, "max_new_tokens": synth.max_response_words + 1}}}
-    cfg = config_lib.build(RunConfig, config_lib.deep_merge(defaults, values))
+    cfg = resolve_config_paths(config_lib.build(RunConfig, config_lib.deep_merge(defaults, values)))
     for key in OWN_KEYS:
         if key in cfg.base:
             raise UserError(f"config key '{key}' is set by `robust-dpo run` itself (the world's model and data)")
@@ -89,11 +102,12 @@ def sweep_config(cfg: RunConfig, out: Path, reward: str) -> TuneConfig:
     base = config_lib.deep_merge(cfg.base, {"model": {"path": str(out / "world" / "reference_model")},
                                             "data": {"path": str(out / "data")}})
     trial_eval = cfg.trial_eval if cfg.trial_eval.reward else replace(cfg.trial_eval, reward=reward)
-    return TuneConfig(output=str(out / "sweep"), search=cfg.search, trial_eval=trial_eval, base=base)
+    return TuneConfig(output=str(out / "sweep"), search=cfg.search, trial_eval=trial_eval, base=base,
+                      tracking=cfg.tracking, mlflow=cfg.mlflow, wandb=cfg.wandb)
 
 
 def _step(label: str, started: float) -> None:
-    print(f"[run] {label} ({time.perf_counter() - started:.0f}s elapsed)", flush=True)
+    say("run", label)
 
 
 def _world(cfg: RunConfig, world_dir: Path, started: float) -> None:
@@ -104,7 +118,7 @@ def _world(cfg: RunConfig, world_dir: Path, started: float) -> None:
     if matches is False:
         raise UserError(f"{world_dir} holds a world made with other synth.* keys; use another --output")
     _step("[1/5] world: generating", started)
-    world_lib.generate_world(cfg.synth, world_dir, log=lambda m: print(f"[run]   {m}", flush=True))
+    world_lib.generate_world(cfg.synth, world_dir, log=lambda m: None if m.startswith(" ") else say("synth", m))
 
 
 def _data(world_dir: Path, data_dir: Path, started: float) -> None:
@@ -129,8 +143,9 @@ def run(cfg: RunConfig) -> Path:
 
     _step("[3/5] sweep: one TorchTrainer per trial under Ray Tune", started)
     trials = tune.tune(sweep_config(cfg, out, reward))
+    failed = trials.attrs.get("failed", [])
     if not len(trials):
-        raise RuntimeError("no trial finished; see the Tune output above")
+        raise RuntimeError(f"no trial finished ({len(failed)} failed: the lines above name their error files)")
 
     _step(f"[4/5] evaluate: {len(trials)} trial(s) under {', '.join(cfg.run.grid)}", started)
     checkpoints = [f"{row.trial_id}={row.final_model}" for row in trials.itertuples()]
@@ -151,8 +166,20 @@ def run(cfg: RunConfig) -> Path:
     paths = report.write_report(rows, robustness, out, hyperparameter_cols=hyper,
                                 train_levels={"mixture": cfg.synth.alpha_train},
                                 title=f"robust-dpo run: {out.name}")
+    tracking_lib.log_report(cfg.tracking_config(), out, out.name,
+                            [paths.report_md, out / "pareto.png", out / "robustness.png"])
+    if failed:
+        raise TrialsFailed(paths.report_md, failed)
     _step(f"done: {paths.report_md}", started)
     return paths.report_md
+
+
+class TrialsFailed(RuntimeError):
+    """Some trials failed; the report of the finished ones was still written."""
+
+    def __init__(self, report_md: Path, failed: list) -> None:
+        super().__init__(f"{len(failed)} trial(s) failed; the report covers the finished ones: {report_md}")
+        self.report_md, self.failed = report_md, failed
 
 
 def _hyperparameter_names(objectives) -> set[str]:
@@ -171,9 +198,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="synth.seed=1 synth.alpha_train=0.1 search.objectives=dpo,kldpo train.epochs=3 ...")
 
 
+CONFIG = RunConfig  # the keys `--help` lists
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    return load_run_config(args.config, args.overrides, args.output)
+
+
 def main(args: argparse.Namespace) -> int:
-    path = run(load_run_config(args.config, args.overrides, args.output))
-    print(path.read_text().split("## Reward vs KL")[0], flush=True)
+    try:
+        path = run(build_config(args))
+    except TrialsFailed as failure:
+        say("run", f"done with failures: {failure}")
+        return 1
+    except RuntimeError as error:
+        print(f"robust-dpo: error: {error}", file=sys.stderr, flush=True)
+        return 1
+    print(summary_table(path), flush=True)
     return 0
+
+
+def summary_table(report_md: Path) -> str:
+    """The report's first table ("which objective holds up"), for the console."""
+    text = report_md.read_text().split("## Reward vs KL")[0]
+    return "\n".join(line for line in text.splitlines() if line.startswith("|"))
 
 

@@ -54,9 +54,16 @@ class TrackingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
-        unknown = [b for b in self.backends if b not in BACKENDS]
-        if unknown:
-            raise ValueError(f"unknown tracking backend {unknown[0]!r}; valid: {', '.join(BACKENDS)}")
+        check_names(self.backends)
+
+
+def check_names(backends: Sequence[str]) -> None:
+    """FieldError naming the `tracking` key for a backend that is not one of BACKENDS."""
+    from pipelines.config import FieldError
+
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise FieldError("tracking", f"has an unknown backend {unknown[0]!r}; valid: {', '.join(BACKENDS)}")
 
 
 def check_backends(cfg: TrackingConfig) -> None:
@@ -138,7 +145,7 @@ class RunTracker:
 
             stamp = _now_ms()
             self.mlflow.log_batch(self.mlflow_run, metrics=[
-                Metric(_mlflow_key(k), v, stamp, step) for k, v in values.items()])
+                Metric(k, v, stamp, step) for k, v in values.items()])
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
 
@@ -155,11 +162,6 @@ def _now_ms() -> int:
     import time
 
     return int(time.time() * 1000)
-
-
-def _mlflow_key(key: str) -> str:
-    # MLflow keys allow letters, digits, _ - . space / ; everything a metrics.csv column uses.
-    return key
 
 
 def _mlflow_params(params: Mapping[str, Any]):
@@ -249,6 +251,3 @@ def log_report(cfg: TrackingConfig, output_dir: Path, name: str, files: Iterable
         run.log({f.stem: wandb.Image(str(f)) for f in files if f.suffix == ".png"})
         run.finish()
 
-
-def backends_of(values: Sequence[str] | str) -> list[str]:
-    return [v for v in (values.split(",") if isinstance(values, str) else values) if v]

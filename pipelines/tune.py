@@ -31,6 +31,7 @@ import json
 import math
 import os
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +39,11 @@ from typing import Any, Literal
 import pandas as pd
 
 from pipelines import config as config_lib
+from pipelines import console
+from pipelines import tracking as tracking_lib
+from pipelines.console import Progress, say
 from pipelines.errors import UserError
+from pipelines.tracking import MlflowConfig, TrackingConfig, WandbConfig
 from pipelines.train.config import TrainConfig, build_train_config
 from pipelines.paths import OutputPath, RewardSpec
 
@@ -86,12 +91,21 @@ class TrialEvalConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TuneConfig:
-    """The whole tune stage: `search.*`, `trial_eval.*`, and every other key is a train-config value."""
+    """The whole tune stage: `search.*`, `trial_eval.*`, tracking, and every other key is a train-config value."""
 
     output: OutputPath  # required: sweep directory; --output
     search: SearchConfig = field(default_factory=SearchConfig)
     trial_eval: TrialEvalConfig = field(default_factory=TrialEvalConfig)
+    tracking: list[str] = field(default_factory=list)  # report to any of tensorboard, mlflow, wandb (pipelines/tracking.py)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     base: dict = config_lib.catch_all(schema=TrainConfig)  # train-config values shared by every trial (model.path, train.max_steps, ...): every key not above
+
+    def __post_init__(self):
+        tracking_lib.check_names(self.tracking)
+
+    def tracking_config(self) -> TrackingConfig:
+        return TrackingConfig(backends=list(self.tracking), mlflow=self.mlflow, wandb=self.wandb)
 
 
 # [1] Trials: explicit, validated, deterministically named --------------------------------------
@@ -270,7 +284,10 @@ def collect_trials(output_dir: Path) -> pd.DataFrame:
 
 
 def tune(cfg: TuneConfig) -> pd.DataFrame:
-    """Run the sweep (or finish an interrupted one); write trials.csv and the Pareto report."""
+    """Run the sweep (or finish an interrupted one); write trials.csv and the Pareto report.
+
+    Returns the finished trials; `trials.attrs["failed"]` lists the failed ones as
+    (trial name, first line of the error, path of the full error file)."""
     import ray.tune
     from ray import tune as tune_api
 
@@ -278,6 +295,7 @@ def tune(cfg: TuneConfig) -> pd.DataFrame:
     from pipelines.ray_session import ensure_ray
 
     check_tune_config(cfg)
+    tracking_lib.check_backends(cfg.tracking_config())
     output_dir = Path(cfg.output).resolve()
     cfg = dataclasses.replace(cfg, output=str(output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -291,33 +309,83 @@ def tune(cfg: TuneConfig) -> pd.DataFrame:
     if ray.cluster_resources().get(DRIVER_RESOURCE):
         resources[DRIVER_RESOURCE] = 0.01  # trial drivers on the head (not preemptible GPU nodes)
     trainable = ray.tune.with_resources(train_driver_fn, resources)
-    for label, space, searcher, samples in _searches(cfg):
-        print(f"[tune] {label}: up to {limit} concurrent trial(s)", flush=True)
-        scheduler = None
-        if cfg.search.asha:
-            scheduler = tune_api.schedulers.ASHAScheduler(
-                metric=cfg.search.asha_metric, mode=cfg.search.asha_mode, grace_period=cfg.search.asha_grace_period,
-                max_t=10**9)
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
-                                            max_concurrent_trials=limit,
-                                            trial_dirname_creator=lambda t: trial_name(t.config["objective"])),
-            run_config=ray.tune.RunConfig(name=f"tune-{label}", storage_path=str(output_dir / "tune"),
-                                          failure_config=ray.tune.FailureConfig(max_failures=cfg.search.max_failures),
-                                          verbose=1),
-        )
-        grid = tuner.fit()
-        for result in grid:
-            if result.error is not None:
-                print(f"[tune] a trial failed: {str(result.error).strip().splitlines()[0][:200]}", flush=True)
+    searches = _searches(cfg)
+    total = sum(len(space["objective"]["grid_search"]) if label == "grid" else samples
+                for label, space, _, samples in searches)
+    say("tune", f"{total} trial(s), up to {limit} at a time; trials in {output_dir / TRIALS_DIR}")
+    failed: list[tuple[str, str, str]] = []
+    with Progress("tune", "trials", total) as progress:
+        for label, space, searcher, samples in searches:
+            scheduler = None
+            if cfg.search.asha:
+                scheduler = tune_api.schedulers.ASHAScheduler(
+                    metric=cfg.search.asha_metric, mode=cfg.search.asha_mode,
+                    grace_period=cfg.search.asha_grace_period, max_t=10**9)
+            tuner = ray.tune.Tuner(
+                trainable,
+                param_space=space,
+                tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
+                                                max_concurrent_trials=limit,
+                                                trial_dirname_creator=lambda t: trial_name(t.config["objective"])),
+                run_config=ray.tune.RunConfig(
+                    name=f"tune-{label}", storage_path=str(output_dir / "tune"),
+                    failure_config=ray.tune.FailureConfig(max_failures=cfg.search.max_failures),
+                    verbose=2 if console.verbose() else 0,
+                    callbacks=[trial_progress_callback(progress)]
+                    + tracking_lib.tune_callbacks(cfg.tracking_config(), output_dir)),
+            )
+            for result in tuner.fit():
+                if result.error is not None:
+                    failed.append(record_failure(output_dir, result))
     trials = collect_trials(output_dir)
     if len(trials):
         report.write_pareto(trials, output_dir)
-    print(f"[tune] {len(trials)} finished trial(s); {output_dir / 'trials.csv'}, {output_dir / 'pareto.csv'}",
-          flush=True)
+        tracking_lib.log_report(cfg.tracking_config(), output_dir, output_dir.name,
+                                [output_dir / name for name in ("trials.csv", "pareto.csv", "pareto.png")])
+    for name, first, log in failed:
+        say("tune", f"trial {name} FAILED: {first} (full error: {log})")
+    say("tune", f"{len(trials)} of {total} trial(s) finished{f', {len(failed)} failed' if failed else ''}; "
+                f"{output_dir / 'trials.csv'}, {output_dir / 'pareto.csv'}")
+    trials.attrs["failed"] = failed
     return trials
+
+
+def record_failure(output_dir: Path, result) -> tuple[str, str, str]:
+    """A failed trial's name, the first line of its error, and `trials/<name>/error.txt` (written here:
+    the whole error with its traceback)."""
+    name = trial_name(result.config["objective"]) if result.config else Path(result.path).name
+    text = "".join(traceback.format_exception(result.error))
+    path = output_dir / TRIALS_DIR / name / "error.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    lines = [line.strip() for line in str(result.error).strip().splitlines() if line.strip()]
+    return name, (lines[-1] if lines else type(result.error).__name__)[:200], str(path)
+
+
+def trial_progress_callback(progress: Progress):
+    """A Tune callback that counts finished trials and notes the running trials' training steps."""
+    from ray.tune import Callback
+
+    class TrialProgress(Callback):
+        def __init__(self) -> None:
+            self.steps: dict[str, str] = {}
+
+        def _note(self) -> str:
+            return ", ".join(f"{k} step {v}" for k, v in sorted(self.steps.items())[:4])
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "step" in result:
+                self.steps[trial_name(trial.config["objective"])] = str(int(result["step"]))
+                progress.note(self._note())
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.steps.pop(trial_name(trial.config["objective"]), None)
+            progress.update(1, postfix=self._note() or "-")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.on_trial_complete(iteration, trials, trial)
+
+    return TrialProgress()
 
 
 # [4] CLI ----------------------------------------------------------------------------------------
@@ -329,9 +397,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="search.objectives=dpo,kldpo trial_eval.reward=world:DIR model.path=... data.path=...")
 
 
+CONFIG = TuneConfig  # the keys `--help` lists
+
+
+def build_config(args: argparse.Namespace) -> TuneConfig:
+    return config_lib.load(TuneConfig, args.config, args.overrides, flags={"output": args.output})
+
+
 def main(args: argparse.Namespace) -> int:
-    trials = tune(config_lib.load(TuneConfig, args.config, args.overrides, flags={"output": args.output}))
+    trials = tune(build_config(args))
     if len(trials):
         with pd.option_context("display.width", 160):
             print(trials[["trial_id", "objective", "reward", "kl"]].to_string(index=False))
-    return 0
+    return 1 if trials.attrs.get("failed") or not len(trials) else 0

@@ -490,6 +490,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DataConfig keys, e.g. max_length=1024 eval_fraction=0.05 seed=1 (or data.max_length=...)")
 
 
+CONFIG = DataConfig  # the keys `--help` lists
+
+
 def build_config(args: argparse.Namespace) -> DataConfig:
     """The flags and the `key=value` overrides (a flag and an override of one key is an error)."""
     flags = {"dataset": args.dataset, "tokenizer": args.tokenizer, "output": args.output, "shifts": args.shift,
@@ -501,8 +504,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     result = prepare_data(cfg)
     s = result.stats
-    print(f"robust-dpo data: {s['rows_in']} rows in, {s['rows_out']} out, {s['rows_rejected']} rejected, "
-          f"{s['rows_truncated']} truncated; wrote {result.splits} to {result.output}")
+    say("data", f"{s['rows_in']} rows in, {s['rows_out']} out, {s['rows_rejected']} rejected, "
+                f"{s['rows_truncated']} truncated; wrote {result.splits} to {result.output}")
     if s["ignored_columns"]:
-        print(f"robust-dpo data: columns not in the schema were not carried: {', '.join(s['ignored_columns'])}")
+        say("data", f"columns not in the schema were not carried: {', '.join(s['ignored_columns'])}")
     return 0

@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -41,6 +39,7 @@ import torch
 from pipelines import config as config_lib
 from pipelines import model as model_lib
 from pipelines import schema
+from pipelines.console import say
 from pipelines.data import shifts
 from pipelines.errors import UserError
 from pipelines.evaluate.generation import SampleResponses
@@ -222,11 +221,8 @@ def weighted_prompt_metrics(level_prompts: Sequence[str], per_prompt: pd.DataFra
 # [3] The stage -----------------------------------------------------------------------------------
 
 
-_START = [0.0]
-
-
 def _log(message: str) -> None:
-    print(f"[evaluate {time.monotonic() - _START[0]:6.1f}s] {message}", file=sys.stderr, flush=True)
+    say("evaluate", message)
 
 
 def _check_inputs(cfg: EvaluateConfig) -> tuple[list[tuple[str, str]], dict]:
@@ -345,7 +341,6 @@ def evaluate(cfg: EvaluateConfig) -> pd.DataFrame:
     from pipelines.evaluate.rewards import RewardFunction
     from pipelines.ray_session import ensure_ray, preserve_order
 
-    _START[0] = time.monotonic()
     checkpoints, manifest = _check_inputs(cfg)
     reward = RewardFunction(cfg.reward) if cfg.reward and cfg.generation.enabled else None  # fail fast
     world_components = tuple(reward.world.spec["mixture"]["rewards"]) if reward and reward.world else None
@@ -397,6 +392,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="world:DIR[:NAME], hf:PATH or module:function (default: no reward)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. generation.samples_per_prompt=8 beta=0.05")
+
+
+CONFIG = EvaluateConfig  # the keys `--help` lists
 
 
 def build_config(args: argparse.Namespace) -> EvaluateConfig:

@@ -316,8 +316,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. objective.name=kldpo train.lr=1e-5")
 
 
+CONFIG = TrainConfig  # the keys `--help` lists
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    return config_lib.load(TrainConfig, args.config, args.overrides, flags={"output": args.output})
+
+
 def main(args: argparse.Namespace) -> int:
-    cfg = config_lib.load(TrainConfig, args.config, args.overrides, flags={"output": args.output})
+    cfg = build_config(args)
     try:
         result = train(cfg, show_progress=True)
     except RuntimeError as exc:

@@ -22,6 +22,7 @@ from pipelines import config as config_lib
 from pipelines import schema
 from pipelines.errors import UserError
 from pipelines.paths import InputPath, ModelPath, OutputPath
+from pipelines.tracking import MlflowConfig, TrackingConfig, WandbConfig, check_names
 
 # Keys a rerun with the same --output may change without invalidating the checkpoints there:
 # they change how long or where the run goes, not what a step computes.
@@ -36,6 +37,13 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "train.eval_every",
     "reference.cache_dir",
+    "tracking",
+    "mlflow.tracking_uri",
+    "mlflow.experiment",
+    "wandb.project",
+    "wandb.entity",
+    "wandb.mode",
+    "wandb.dir",
 )
 
 
@@ -136,9 +144,16 @@ class TrainConfig:
     lora: TrainLoraConfig = field(default_factory=TrainLoraConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     output: OutputPath = ""  # run directory (the CLI's --output); checkpoints, metrics.csv, final_model go here
+    tracking: list[str] = field(default_factory=list)  # report to any of tensorboard, mlflow, wandb (rank 0; pipelines/tracking.py)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
+        check_names(self.tracking)
         check_train_config(self)
+
+    def tracking_config(self) -> TrackingConfig:
+        return TrackingConfig(backends=list(self.tracking), mlflow=self.mlflow, wandb=self.wandb)
 
 
 # [1] Building the config -------------------------------------------------------------------------

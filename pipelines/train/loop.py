@@ -10,6 +10,7 @@ from here to the objective's line of math: `train_fn_per_worker` -> `step.train_
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -170,6 +171,14 @@ def train_fn_per_worker(loop_config: dict) -> None:
     def prepare(rows):
         return model_lib.move_batch(collate(rows, pad), device)
 
+    tracker = None  # rank 0 reports every row to the asked-for trackers (pipelines/tracking.py)
+    if rank == 0 and cfg.tracking:
+        from pipelines.tracking import RunTracker, flatten
+
+        tracker = RunTracker(cfg.tracking_config(), cfg.output, Path(cfg.output).name,
+                             flatten({"objective": {"name": cfg.objective.name, **cfg.objective.hyperparameters},
+                                      "train": dataclasses.asdict(cfg.train), "lora": dataclasses.asdict(cfg.lora)}))
+
     train_data = ray.train.get_dataset_shard("train")
     eval_data = ray.train.get_dataset_shard("eval") if plan.has_eval else None
     interval: list[dict[str, float]] = []
@@ -202,11 +211,15 @@ def train_fn_per_worker(loop_config: dict) -> None:
                 _report(state, row, cfg, final=state.step == plan.total_steps, rank=rank)
                 if progress is not None and rank == 0:
                     progress.put(row)
+                if tracker is not None:
+                    tracker.log(row, state.step)
                 started = time.perf_counter()
             if state.step >= plan.total_steps:
                 break
         if state.step == before:  # the split shrank since the driver counted it: fail, do not spin
             raise RuntimeError(f"epoch {epoch} of the train split yielded no batch after skipping {offset}")
+    if tracker is not None:
+        tracker.close()
 
 
 def maybe_inject_failure(plan: RunPlan, step: int, rank: int) -> None:

@@ -408,8 +408,15 @@ def world_matches(output_dir: str | Path, wc: WorldConfig) -> bool | None:
     return old == json.loads(json.dumps(asdict(wc)))
 
 
+CONFIG = SynthConfig  # the keys `--help` lists
+
+
+def build_config(args: argparse.Namespace) -> SynthConfig:
+    return load(SynthConfig, args.config, args.overrides)
+
+
 def main(args: argparse.Namespace) -> int:
-    cfg = load(SynthConfig, args.config, args.overrides)
+    cfg = build_config(args)
     out = Path(args.output)
     matches = world_matches(out, cfg.synth)
     if matches is not None and not args.force:
