@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from pipelines import config as config_lib
+from pipelines.console import say
 from pipelines import row_order, schema
 from pipelines.errors import UserError
 from pipelines.ray_session import actor_pool, ensure_ray, preserve_order
