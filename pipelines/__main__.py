@@ -1,5 +1,5 @@
 import sys
 
-from pipelines.cli import main
+from pipelines.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -88,13 +88,13 @@ def objectives_help() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, own_terminal: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = next((a for a in argv if not a.startswith("-")), None)
     if stage is not None and stage not in STAGES:
         print(
             f"robust-dpo: error: unknown stage '{stage}'; valid stages: {', '.join(STAGES)}",
-            file=sys.stderr,
+            file=console.err(),
         )
         return 2
     try:
@@ -111,15 +111,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             return print_config(module.build_config(args))
         output = getattr(args, "output", None)
-        if output:
-            os.environ.setdefault(LOG_DIR_ENV, str(Path(output).resolve() / "logs"))
+        log_dir = Path(output).resolve() / "logs" if output else Path.cwd() / "robust-dpo-logs"
+        os.environ.setdefault(LOG_DIR_ENV, str(log_dir))
+        if own_terminal:
+            console.own_terminal(os.environ[LOG_DIR_ENV])
         return int(module.main(args) or 0)
     except UserError as exc:
-        print(f"robust-dpo: error: {exc}", file=sys.stderr)
+        print(f"robust-dpo: error: {exc}", file=console.err())
         return exc.exit_code
     except KeyboardInterrupt:
-        print("robust-dpo: interrupted", file=sys.stderr)
+        print("robust-dpo: interrupted", file=console.err())
         return 130
+
+
+def entry() -> int:
+    """The `robust-dpo` console script: `main` with the terminal kept for the stage's own lines."""
+    return main(own_terminal=True)
 
 
 def print_config(cfg) -> int:

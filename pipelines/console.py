@@ -5,6 +5,9 @@
 - `Progress(stage, label, total)` is a tqdm bar on a terminal; elsewhere (a pipe, a CI log) it is
   one line per update at most every `min_interval` seconds plus the last one, formatted by
   `tqdm.format_meter` (`trials: 3/7 [00:42<00:56, ...]`), so a log holds a bounded number of lines.
+- `own_terminal(log_dir)` (the CLI entry point, unless `--verbose`) moves file descriptors 1 and 2 to
+  `log_dir/console.log`, so whatever Ray's C++ core, Tune's tables, library warnings or child
+  processes print lands there; the stage's own lines keep the terminal (`out()`, `err()`).
 - `quiet_ray(log_dir)` sends what Ray's own loggers print on the driver (Ray Data's execution lines,
   Tune's trial tables, Train's controller lines) to `log_dir/ray.log` instead of the console; with
   `--verbose` nothing is redirected.  Worker stdout is not forwarded to the driver unless verbose
@@ -23,6 +26,37 @@ from typing import TextIO
 
 _STARTED = time.monotonic()
 VERBOSE_ENV = "ROBUST_DPO_VERBOSE"  # set by `--verbose`; read by workers' parents and stages alike
+_TERMINAL: dict[str, TextIO] = {}  # the real stdout/stderr once own_terminal() moved fds 1 and 2
+
+
+def out() -> TextIO:
+    """Where the stage's own lines go: the terminal's stdout (also after own_terminal)."""
+    return _TERMINAL.get("out", sys.stdout)
+
+
+def err() -> TextIO:
+    """Where error lines go: the terminal's stderr (also after own_terminal)."""
+    return _TERMINAL.get("err", sys.stderr)
+
+
+def own_terminal(log_dir: str | Path) -> Path | None:
+    """Send everything else written to file descriptors 1 and 2 (Ray's C++ core, Tune's tables,
+    library warnings, child processes) to `log_dir/console.log`; `say`, `Progress`, `out()` and
+    `err()` keep writing to the terminal.  Only the CLI entry point calls it, and not with --verbose."""
+    if verbose() or _TERMINAL:
+        return None
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / "console.log"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _TERMINAL["out"] = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
+    _TERMINAL["err"] = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return path
 
 
 def verbose() -> bool:
@@ -41,7 +75,7 @@ def elapsed() -> float:
 
 def say(stage: str, message: str, *, stream: TextIO | None = None) -> None:
     """One console line of a stage: `[stage 12s] message`."""
-    print(f"[{stage} {elapsed():.0f}s] {message}", file=stream or sys.stdout, flush=True)
+    print(f"[{stage} {elapsed():.0f}s] {message}", file=stream or out(), flush=True)
 
 
 class Progress:
@@ -60,7 +94,7 @@ class Progress:
         from tqdm import tqdm
 
         self.stage, self.label, self.total = stage, label, total
-        self.stream = stream or sys.stdout
+        self.stream = stream or out()
         self.n, self.started, self.last_line = 0, time.monotonic(), -float("inf")
         self.min_interval = min_interval
         self.postfix = ""

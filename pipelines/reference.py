@@ -30,6 +30,8 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines import console
+from pipelines.console import say
 from pipelines import config as config_lib
 from pipelines import model as model_lib
 from pipelines import row_order, schema
@@ -113,7 +115,7 @@ def compute_reference_dataset(cfg: ReferenceCacheConfig) -> Path:
     manifest = schema.read_manifest(cfg.data)
     target = cache_path(cfg)
     if (target / REFERENCE_INFO).is_file():
-        print(f"[reference] reusing cached reference log-probs at {target}", flush=True)
+        say("reference", f"reusing cached reference log-probs at {target}")
         return target
     ensure_ray()
     listwise = manifest.get("format") == "listwise"
@@ -164,7 +166,7 @@ def compute_reference_dataset(cfg: ReferenceCacheConfig) -> Path:
         shutil.rmtree(staging)
     else:
         staging.rename(target)
-    print(f"[reference] wrote reference log-probs to {target}", flush=True)
+    say("reference", f"wrote reference log-probs to {target}")
     return target
 
 
@@ -191,5 +193,5 @@ def main(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     schema.read_manifest(cfg.data)
     model_lib.load_model_config(cfg.model, "--model")
-    print(compute_reference_dataset(cfg))
+    print(compute_reference_dataset(cfg), file=console.out(), flush=True)
     return 0

@@ -19,12 +19,12 @@ it, the trials' train config included, so a typo anywhere fails (exit 2) before 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+from pipelines import console
 from pipelines import config as config_lib
 from pipelines import data, evaluate, report, schema, tune
 from pipelines import world as world_lib
@@ -212,9 +212,9 @@ def main(args: argparse.Namespace) -> int:
         say("run", f"done with failures: {failure}")
         return 1
     except RuntimeError as error:
-        print(f"robust-dpo: error: {error}", file=sys.stderr, flush=True)
+        print(f"robust-dpo: error: {error}", file=console.err(), flush=True)
         return 1
-    print(summary_table(path), flush=True)
+    print(summary_table(path), file=console.out(), flush=True)
     return 0
 
 

@@ -408,5 +408,5 @@ def main(args: argparse.Namespace) -> int:
     trials = tune(build_config(args))
     if len(trials):
         with pd.option_context("display.width", 160):
-            print(trials[["trial_id", "objective", "reward", "kl"]].to_string(index=False))
+            print(trials[["trial_id", "objective", "reward", "kl"]].to_string(index=False), file=console.out())
     return 1 if trials.attrs.get("failed") or not len(trials) else 0

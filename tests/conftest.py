@@ -10,7 +10,6 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("ROBUST_DPO_RAY_LOG_TO_DRIVER", "0")  # stderr = what the command printed
 
 TINY_WORDS = [f"w{i}" for i in range(40)]
 

@@ -23,11 +23,11 @@ import json
 import os
 import re
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from pipelines import console
 from pipelines import config as config_lib
 from pipelines.console import say
 from pipelines import row_order, schema
@@ -371,7 +371,7 @@ def _print_first_errors(prepared: dict) -> None:
     shown = 0
     for ds in prepared.values():
         for row in _errors(ds).take(MAX_ERROR_LINES - shown):
-            print(_error_line(row), file=sys.stderr)
+            print(_error_line(row), file=console.err())
             shown += 1
         if shown >= MAX_ERROR_LINES:
             break

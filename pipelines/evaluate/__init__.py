@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipelines import console
 from pipelines import config as config_lib
 from pipelines import model as model_lib
 from pipelines import schema
@@ -272,8 +273,8 @@ def compute_pair_logps(ds, models: list[tuple[str, str]], cfg: EvaluateConfig, g
 def shift_pair_rows(ds, levels, columns: list[str], seed: int) -> dict[tuple[str, str], pd.DataFrame]:
     """[b] Each level's rows (shift applied to the rows carrying the log-probs), `columns` only."""
     out = {}
+    _log(f"{len(levels)} shift level(s): {', '.join(sorted({name for name, _, _ in levels}))}")
     for name, _, text in levels:
-        _log(f"shift {text or NO_SHIFT}")
         shifted = shifts.apply_shifts(ds, [text], seed=seed) if text else ds
         out[(name, text)] = shifted.select_columns(columns).to_pandas()
     return out
@@ -407,5 +408,6 @@ def build_config(args: argparse.Namespace) -> EvaluateConfig:
 def main(args: argparse.Namespace) -> int:
     result = evaluate(build_config(args))
     with pd.option_context("display.width", 160, "display.max_columns", 12):
-        print(result[["trial_id", "shift", "level", "reward", "kl", "pair_accuracy"]].to_string(index=False))
+        print(result[["trial_id", "shift", "level", "reward", "kl", "pair_accuracy"]].to_string(index=False),
+              file=console.out())
     return 0

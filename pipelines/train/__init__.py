@@ -34,13 +34,13 @@ import argparse
 import dataclasses
 import os
 import shutil
-import sys
 import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipelines import console
 from pipelines import config as config_lib
 from pipelines import schema
 from pipelines.console import Progress, say
@@ -328,7 +328,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, show_progress=True)
     except RuntimeError as exc:
-        print(f"robust-dpo: error: {exc}", file=sys.stderr, flush=True)
+        print(f"robust-dpo: error: {exc}", file=console.err(), flush=True)
         return 1
     last = result.metrics
     say("train", f"done: step {int(last.get('step', 0))}, loss {last.get('loss', float('nan')):.4f}; "

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.console import say
 from pipelines.config import FieldError, check, dump, load
 from pipelines.errors import UserError
 from pipelines.world.functions import (
@@ -421,12 +422,10 @@ def main(args: argparse.Namespace) -> int:
     matches = world_matches(out, cfg.synth)
     if matches is not None and not args.force:
         if matches:
-            print(
-                f"world already generated in {out} with the same settings; reusing it (--force regenerates)"
-            )
+            say("synth", f"world already generated in {out} with the same settings; reusing it (--force regenerates)")
             return 0
         raise UserError(
             f"'{out}' holds a world generated with different settings; use --force or another --output"
         )
-    generate_world(cfg, out)
+    generate_world(cfg, out, log=lambda message: say("synth", message.strip()))
     return 0
