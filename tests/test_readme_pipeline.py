@@ -53,6 +53,11 @@ def test_the_pipeline_block_runs_verbatim_from_a_fresh_directory(tmp_path):
         done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=900)
         assert done.returncode == 0, f"{command}\nexit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        printed = (done.stdout + done.stderr).splitlines()
+        assert not [line for line in printed if " INFO " in line], command  # Ray's INFO lines go to logs/
+        if command.startswith("robust-dpo run"):
+            assert len(printed) <= 60, "\n".join(printed)  # a console a person can read
+            assert any("done: " in line and "report.md" in line for line in printed), printed
     runs = tmp_path / "runs"
     assert (runs / "w" / "world.json").is_file() and (runs / "d" / "manifest.json").is_file()
     metrics = pd.read_csv(runs / "t" / "metrics.csv")

@@ -184,6 +184,8 @@ def resolve_source(dataset: str) -> Source:
             raise UserError(f"dataset '{dataset}': unsupported file type '{path.suffix}'; "
                             f"expected one of {', '.join(FILE_SUFFIXES)}")
         return Source({"train": [os.path.abspath(path)]}, {os.path.abspath(path): dataset})
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        return _resolve_saved_to_disk(path, dataset)
     if path.is_dir():
         shown = dataset
         files = _data_files(path)
@@ -197,6 +199,26 @@ def resolve_source(dataset: str) -> Source:
     if dataset.startswith("hf://") or hub_like:
         return _resolve_hub(dataset)
     raise UserError(f"dataset '{dataset}' not found: not a local file or folder, nor a hub name owner/name")
+
+
+def _resolve_saved_to_disk(path: Path, dataset: str) -> Source:
+    """A folder written by `datasets.Dataset.save_to_disk` (one split, `train`) or
+    `DatasetDict.save_to_disk` (a subfolder per split, listed in dataset_dict.json): its Arrow shards
+    in the order its state.json lists them (`datasets`' own order)."""
+    if (path / "dataset_dict.json").is_file():
+        names = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        folders = {name: path / name for name in names}
+    else:
+        folders = {"train": path}
+    splits, display = {}, {}
+    for name, folder in folders.items():
+        state = json.loads((folder / "state.json").read_text())
+        files = [folder / f["filename"] for f in state.get("_data_files", [])]
+        if not files:
+            raise UserError(f"dataset folder '{dataset}': split '{name}' lists no data files in state.json")
+        splits[name] = [os.path.abspath(f) for f in files]
+        display |= {os.path.abspath(f): os.path.join(dataset, os.path.relpath(f, path)) for f in files}
+    return Source(splits, display)
 
 
 def _data_files(folder: Path) -> list[Path]:

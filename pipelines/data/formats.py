@@ -314,8 +314,17 @@ def _type(value: Any) -> str:
 
 # --- files -> records ----------------------------------------------------------------------------
 
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: `datasets` save_to_disk shards (Arrow IPC streams)
 RECORDS_PER_CHUNK = 2048
+
+
+def _arrow_stream_batches(data) -> Iterator[Any]:
+    """Record batches of an Arrow IPC stream (a `datasets` save_to_disk shard), RECORDS_PER_CHUNK rows at most."""
+    import pyarrow as pa
+
+    for batch in pa.ipc.open_stream(data):
+        for start in range(0, batch.num_rows, RECORDS_PER_CHUNK):
+            yield batch.slice(start, RECORDS_PER_CHUNK)
 
 
 def iter_file_records(stream: BinaryIO, file: str, suffix: str) -> Iterator[list[dict[str, Any]]]:
@@ -329,12 +338,15 @@ def iter_file_records(stream: BinaryIO, file: str, suffix: str) -> Iterator[list
     in one shape and a column whose type varies per row (possible in JSON) cannot break an Arrow
     block.  `read_error` is non-empty when the row could not be read (invalid UTF-8, a broken array).
     """
-    if suffix == ".parquet":
+    if suffix in (".parquet", ".arrow"):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         row = 0
-        for batch in pq.ParquetFile(pa.BufferReader(stream.read())).iter_batches(batch_size=RECORDS_PER_CHUNK):
+        data = pa.BufferReader(stream.read())
+        batches = (pq.ParquetFile(data).iter_batches(batch_size=RECORDS_PER_CHUNK) if suffix == ".parquet"
+                   else _arrow_stream_batches(data))
+        for batch in batches:
             records = batch.to_pylist()
             yield [_record(file, row + i, json.dumps(r, default=str)) for i, r in enumerate(records)]
             row += len(records)

@@ -100,3 +100,47 @@ def test_run_smoke_end_to_end_and_resume(ray_session, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "world: already generated" in printed and "data: already prepared" in printed
     assert (out / "sweep" / "trials" / "dpo-beta_0.1" / "trial_result.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tune_with_a_failing_trial_exits_1_names_it_and_tracks_the_rest(ray_session, tmp_path, tiny_model_dir,
+                                                                        pairs_dataset, capsys):
+    """dpo_pl cannot train on pairs: its trial fails inside Tune (the up-front checks validate the first
+    objective's data only), so tune writes what finished, names the failure and its error file, and
+    exits 1.  The finished trial's metrics reach MLflow and TensorBoard exactly as in its metrics.csv."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "sweep"
+    args = ["tune", "--output", str(out), f"model.path={tiny_model_dir}", f"data.path={pairs_dataset}",
+            "search.objectives=dpo,dpo_pl", "trial_eval.reward=pipelines.evaluate.rewards:word_count",
+            "train.max_steps=3", "train.batch_size=8", "train.checkpoint_every=1", "trial_eval.num_prompts=2",
+            "trial_eval.samples_per_prompt=1", "tracking=mlflow,tensorboard"]
+    capsys.readouterr()
+    assert main(args) == 1
+    printed = capsys.readouterr().out
+    failed = [line for line in printed.splitlines() if "FAILED" in line]
+    assert len(failed) == 1 and "dpo_pl-beta_0.1" in failed[0] and "is listwise" in failed[0], printed
+    error_file = out / "trials" / "dpo_pl-beta_0.1" / "error.txt"
+    assert str(error_file) in failed[0] and "Traceback" in error_file.read_text()
+    trials = pd.read_csv(out / "trials.csv")
+    assert list(trials["objective"]) == ["dpo"]
+
+    metrics = pd.read_csv(out / "trials" / "dpo-beta_0.1" / "metrics.csv")
+    assert list(metrics["step"]) == [1, 2, 3]
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    dpo_run = next(r for r in runs if r.data.params.get("objective/name") == "dpo")
+    steps = {int(m.value): m.step for m in client.get_metric_history(dpo_run.info.run_id, "step")}
+    for column in ("loss", "rewards/margins", "eval/loss", "grad_norm"):
+        logged = {m.step: m.value for m in client.get_metric_history(dpo_run.info.run_id, column)}
+        assert [logged[steps[s]] for s in metrics["step"]] == pytest.approx(list(metrics[column]), rel=1e-12)
+    assert any(r.info.run_name == "sweep-report" for r in runs)  # trials.csv + Pareto as artifacts
+
+    events = next((out / "tune").rglob("dpo-beta_0.1/events.out.tfevents*"))
+    accumulator = EventAccumulator(str(events.parent))
+    accumulator.Reload()
+    by_iteration = {int(e.value): e.step for e in accumulator.Scalars("ray/tune/step")}
+    tb_loss = {e.step: e.value for e in accumulator.Scalars("ray/tune/loss")}
+    assert [tb_loss[by_iteration[s]] for s in metrics["step"]] == pytest.approx(list(metrics["loss"]), rel=1e-6)
