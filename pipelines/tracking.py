@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import importlib.util
+import uuid
 import json
 import math
 from dataclasses import dataclass, field
@@ -126,7 +127,7 @@ class RunTracker:
         if "wandb" in cfg.backends:
             import wandb
 
-            run_id = state.get("wandb_run_id") or wandb.util.generate_id()
+            run_id = state.get("wandb_run_id") or uuid.uuid4().hex[:8]
             self.wandb_run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=run_name,
                                         id=run_id, resume="allow", config=dict(params),
                                         dir=cfg.wandb.dir or str(self.output_dir), mode=cfg.wandb.mode or None)
