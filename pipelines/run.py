@@ -84,12 +84,13 @@ def load_run_config(path: str | None, overrides: Sequence[str], output: str) -> 
     synth = config_lib.build(WorldConfig, values.get("synth"), prefix="synth")
     defaults = {"base": DEFAULT_TRAIN, "evaluate": {"generation": {
         "num_prompts": 32, "samples_per_prompt": 4, "max_new_tokens": synth.max_response_words + 1}}}
-    cfg = resolve_config_paths(config_lib.build(RunConfig, config_lib.deep_merge(defaults, values)))
+    cfg = config_lib.build(RunConfig, config_lib.deep_merge(defaults, values))
     for key in OWN_KEYS:
         if key in cfg.base:
             raise UserError(f"config key '{key}' is set by `robust-dpo run` itself (the world's model and data)")
     if "beta" in values.get("evaluate", {}):
         raise UserError("config key 'evaluate.beta' is set by `robust-dpo run` itself (the trials' objective.beta)")
+    cfg = resolve_config_paths(cfg)  # against the shell's directory, like every stage's config.load
     sweep = sweep_config(cfg, Path(cfg.output), reward="world:placeholder")
     sections = tune.grid_sections(sweep) if cfg.search.search == "grid" else []
     for section in sections + [{"name": name} for name in cfg.search.objectives]:

@@ -36,6 +36,6 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random LlamaForCausalLM and word tokenizer saved with save_pretrained (no download)."""
-    from pipelines.world.toy_models import save_tiny_model_and_tokenizer
+    from toy_checkpoints import save_tiny_model_and_tokenizer
 
     return save_tiny_model_and_tokenizer(tmp_path_factory.mktemp("tiny_model"), TINY_WORDS, seed=0)

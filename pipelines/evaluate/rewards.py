@@ -198,12 +198,4 @@ def word_count(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
     return [float(len(r.split())) for r in responses]
 
 
-def describe_reward(spec: str) -> str:
-    """A one-line description of a reward spec for reports (no loading)."""
-    parsed = parse_reward_spec(spec)
-    if parsed.kind == "world":
-        return f"world reward {parsed.name or 'mixture at alpha_train'} of {parsed.target}"
-    return f"{'HF reward model' if parsed.kind == 'hf' else 'function'} {parsed.target}"
-
-
-__all__ = ["RewardFunction", "RewardSpec", "describe_reward", "parse_reward_spec", "word_count", "world_training_alpha"]
+__all__ = ["RewardFunction", "RewardSpec", "parse_reward_spec", "word_count", "world_training_alpha"]

@@ -261,11 +261,6 @@ def check_train_config(cfg: TrainConfig) -> None:
         )
 
 
-def accumulation_steps(cfg: TrainConfig) -> int:
-    """Micro-steps per optimizer step on each worker."""
-    return cfg.train.batch_size // (cfg.train.micro_batch_size * cfg.train.num_workers)
-
-
 def attention_implementation(cfg: TrainConfig) -> str:
     """The attention kernel to load the model with.
 

@@ -86,6 +86,12 @@ def all_reduce_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
 def all_reduce_gradients(parameters: Sequence[torch.nn.Parameter], world_size: int) -> None:
     """Average .grad over workers in flat buckets (what DDP does, after the last micro-step).
 
+    Why not `ray.train.torch.prepare_model` / DDP: WDPO differentiates its loss through
+    `torch.autograd.grad(..., create_graph=True)` on the input embeddings (a double backward), which
+    DDP's reducer hooks do not support, and global accumulation replays each micro-step twice (a
+    recording pass, then the gradient pass), which would fire DDP's hooks twice.  One explicit
+    reduction after the last micro-step is DDP's arithmetic without either problem.
+
     A trainable parameter without a gradient gets zeros, so every worker reduces the same buckets.
     """
     if world_size == 1:

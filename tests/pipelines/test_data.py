@@ -69,7 +69,7 @@ def test_bad_sources_are_one_line_errors(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(UserError, match="unsupported file type '.csv'"):
         resolve_source(str(tmp_path / "x.csv"))
-    with pytest.raises(UserError, match="holds no .jsonl/.json/.parquet files"):
+    with pytest.raises(UserError, match="holds no .jsonl/.json/.parquet/.arrow files"):
         resolve_source(str(tmp_path))
 
 

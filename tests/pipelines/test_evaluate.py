@@ -110,7 +110,7 @@ def tiny_world(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipelines.world import WorldConfig, draw_world_spec
-    from pipelines.world.toy_models import save_tiny_model_and_tokenizer
+    from toy_checkpoints import save_tiny_model_and_tokenizer
     from pipelines.world.functions import World
 
     root = tmp_path_factory.mktemp("eval_world")

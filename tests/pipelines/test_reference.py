@@ -103,7 +103,7 @@ def test_reference_cli_prints_the_cache_path_and_rejects_bad_input(cached, tiny_
 
 
 def test_model_fingerprint_follows_the_weights(tmp_path, tiny_model_dir):
-    from pipelines.world.toy_models import save_tiny_model_and_tokenizer
+    from toy_checkpoints import save_tiny_model_and_tokenizer
 
     other = save_tiny_model_and_tokenizer(tmp_path / "other", [f"w{i}" for i in range(40)], seed=1)
     assert model_fingerprint(tiny_model_dir) == model_fingerprint(tiny_model_dir)
