@@ -17,9 +17,13 @@ full log is are printed); 2 bad input (`UserError`: one line naming what is wron
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 from pipelines import console
@@ -115,6 +119,9 @@ def main(argv: list[str] | None = None, own_terminal: bool = False) -> int:
         os.environ.setdefault(LOG_DIR_ENV, str(log_dir))
         if own_terminal:
             console.own_terminal(os.environ[LOG_DIR_ENV])
+        if output and args.stage in LOCKED_STAGES:
+            with output_lock(output, args.stage):
+                return int(module.main(args) or 0)
         return int(module.main(args) or 0)
     except UserError as exc:
         print(f"robust-dpo: error: {exc}", file=console.err())
@@ -122,6 +129,55 @@ def main(argv: list[str] | None = None, own_terminal: bool = False) -> int:
     except KeyboardInterrupt:
         print("robust-dpo: interrupted", file=console.err())
         return 130
+
+
+LOCK_FILE = ".robust-dpo.lock"
+LOCKED_STAGES = ("synth", "data", "train", "evaluate", "tune", "run")  # `reference --output` is a shared cache
+
+
+@contextlib.contextmanager
+def output_lock(output: str, stage: str):
+    """One command at a time per --output: a second one exits 2 naming the running process.
+
+    The lock file holds the owner's pid and host; a lock whose process is gone (a killed run) is
+    stale and taken over, so a killed run never blocks its own resume."""
+    directory = Path(output).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage, "started": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                owner = {}
+            if owner.get("host") == me["host"] and not _alive(int(owner.get("pid", 0))):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise UserError(f"--output '{directory}' is in use by `robust-dpo {owner.get('stage', '?')}` "
+                            f"(pid {owner.get('pid', '?')} on {owner.get('host', '?')}); wait for it or use "
+                            f"another --output (a stale lock is {path})") from None
+        with os.fdopen(fd, "w") as handle:
+            json.dump(me, handle)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def entry() -> int:
