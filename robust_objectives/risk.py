@@ -114,6 +114,8 @@ def radpo1(
 
     https://arxiv.org/abs/2505.20359; D[b] = sum over response positions of phi, phi one of the risk
     measures of risk_measures.py. risk="cvar" with mu = 1 and risk="erm" with mu -> 0 give TDPO1.
+    At pi_theta == pi_ref (the first step, a fresh LoRA) d is 0 up to rounding; the tie rule of
+    risk_measures.py makes the loss and the first gradient equal TDPO1's for "cvar" and "cvar_official".
 
     Args:
         inputs: PreferenceLogps with the four (B, T, V) vocab log-prob fields and (B, T) masks.
@@ -138,6 +140,8 @@ def radpo2(
     risk: str = "cvar",
 ) -> ObjectiveOutput:
     """Ra-DPO2: l = -log s(beta [h - alpha (D_l - stopgrad(D_w))]), D = risk ratio (Eq. 19 of Ra-DPO).
+
+    At pi_theta == pi_ref the tie rule of risk_measures.py makes the first step equal TDPO2's.
 
     Args:
         inputs: PreferenceLogps with the four (B, T, V) vocab log-prob fields and (B, T) masks.

@@ -11,8 +11,24 @@ At one position s_t, with p = pi_ref(.|s_t) and d_v = log pi_ref(v|s_t) - log pi
   "erm":           (1/mu) log sum_v p_v exp(mu d_v), the Renyi divergence of order 1 + mu
 The tail masses and the quantile mask are piecewise constant in theta and carry no gradient; the
 gradient flows through d only (OBJECTIVES.md 3.6 item 4).
-"""
 
+Ties (OBJECTIVES.md 3.6 item 8). At policy == reference (the first step, a fresh LoRA) every d_v is
+0 up to rounding, so a plain sort or `d > q` would let rounding pick the tail, and the first gradient
+would differ from TDPO's by a few percent. CVaR's value is the same for any split of tied entries;
+its gradient is not. Rule: entries whose d lies within the row's rounding tolerance
+tol = TIE_ULPS * eps * max(1, max_v |log p_v|, max_v |log pi_theta(v)|) (eps of the fp32-or-wider
+compute dtype; the log-probs' magnitudes bound the rounding of d = log p - log pi_theta) of the
+threshold are ties, and
+  "cvar":          entries above the tail's boundary value by more than tol are taken whole, and the
+                   tied entries share the remaining mass in proportion to p (the permutation-invariant
+                   choice). With d == 0 all entries tie, m = mu p, phi = KL and its gradient is the
+                   KL's (TDPO's) for every mu.
+  "cvar_official": an entry is kept only when d_v > q + tol (the authors' strict `d > q`, with
+                   rounding ties excluded). With d == 0 nothing is kept, phi = 0 and its gradient is 0,
+                   as TDPO's KL gradient with respect to the policy's logits is at pi_theta = pi_ref
+                   (with respect to the log-probs themselves it is -p, which the official form drops).
+Away from ties (no entry within tol of the threshold) both give exactly the untied definitions above.
+"""
 from __future__ import annotations
 
 import torch
@@ -24,6 +40,10 @@ MEASURES = ("kl", "cvar", "cvar_official", "erm")
 # Rows per chunk are chosen so that each sort/select touches about this many elements: it bounds
 # the temporary memory of a 150k vocabulary and keeps torch.quantile's 2^24 limit irrelevant.
 _CHUNK_ELEMENTS = 1 << 22
+# Half-width of the tie band in units of eps * (the row's largest |log-prob|). Recomputing a
+# log-softmax moves d by under 1 such unit (measured 0.05-0.8 for V = 7..50k, fp32 and fp64), and a
+# tie compares two such values; 16 leaves a wide margin while the band stays ~1e-5 wide in fp32.
+TIE_ULPS = 16
 
 
 def _chunks(rows: int, width: int):
@@ -60,22 +80,38 @@ def compute_linear_quantile(values: Tensor, q: float) -> Tensor:
 
 
 @torch.no_grad()
-def _cvar_masses(probs: Tensor, log_ratios: Tensor, mu: float) -> Tensor:
-    """(M, V) m_v / mu: p-mass of each entry inside the upper mu-tail of d, divided by mu."""
+def _cvar_masses(probs: Tensor, log_ratios: Tensor, mu: float, tolerance: Tensor) -> Tensor:
+    """(M, V) m_v / mu: p-mass of each entry inside the upper mu-tail of d, divided by mu.
+
+    Entries within tolerance (M,) of the boundary entry's d share the boundary mass in proportion to
+    p (module docstring, ties); with no such ties this is the plain fractional boundary entry.
+    """
     masses = torch.empty_like(probs)
     for start, stop in _chunks(*probs.shape):
-        order = torch.argsort(log_ratios[start:stop], dim=-1, descending=True)
+        sorted_ratios, order = torch.sort(log_ratios[start:stop], dim=-1, descending=True)
         sorted_probs = probs[start:stop].gather(-1, order).double()
-        # Mass taken from an entry: what is left of mu after the entries above it, at most p_v.
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        taken = (mu - mass_before).clamp(min=0.0).minimum(sorted_probs) / mu
+        cumulative = sorted_probs.cumsum(dim=-1)
+        mass_before = cumulative - sorted_probs
+        # The boundary entry: the first whose cumulative mass reaches mu (the last one if rounding
+        # leaves the total just under mu = 1). Its d is the tail's threshold (the VaR).
+        boundary = (cumulative < mu).sum(dim=-1, keepdim=True).clamp(max=probs.shape[-1] - 1)
+        threshold = sorted_ratios.gather(-1, boundary)
+        band = tolerance[start:stop, None].to(sorted_ratios.dtype)
+        above = sorted_ratios > threshold + band
+        tied = (sorted_ratios - threshold).abs() <= band
+        # The tied entries sit right after the `above` ones in the sort: what is left of mu after
+        # those is shared among them in proportion to p.
+        remaining = mu - mass_before.gather(-1, above.sum(dim=-1, keepdim=True))
+        tied_mass = (sorted_probs * tied).sum(dim=-1, keepdim=True)
+        share = torch.where(tied_mass > 0, remaining / tied_mass.clamp(min=torch.finfo(tied_mass.dtype).tiny), 0.0)
+        taken = torch.where(above, sorted_probs, torch.where(tied, sorted_probs * share, 0.0)) / mu
         masses[start:stop] = torch.zeros_like(probs[start:stop]).scatter_(-1, order, taken.to(probs.dtype))
     return masses
 
 
 @torch.no_grad()
-def _official_masses(probs: Tensor, log_ratios: Tensor, mu: float) -> Tensor:
-    """(M, V) p_v [d_v > q_half(v)] of the split-vocabulary official form."""
+def _official_masses(probs: Tensor, log_ratios: Tensor, mu: float, tolerance: Tensor) -> Tensor:
+    """(M, V) p_v [d_v > q_half(v) + tolerance] of the split-vocabulary official form (ties excluded)."""
     vocab = log_ratios.shape[-1]
     if vocab < 2:
         raise ValueError("risk='cvar_official' needs a vocabulary of at least 2 (it splits it in halves)")
@@ -83,8 +119,19 @@ def _official_masses(probs: Tensor, log_ratios: Tensor, mu: float) -> Tensor:
     for low, high in ((0, vocab // 2), (vocab // 2, vocab)):
         half = log_ratios[:, low:high]
         threshold = compute_linear_quantile(half, 1.0 - mu)
-        masses[:, low:high] = torch.where(half > threshold[:, None], probs[:, low:high], 0.0)
+        keep = half > threshold[:, None] + tolerance[:, None].to(half.dtype)
+        masses[:, low:high] = torch.where(keep, probs[:, low:high], 0.0)
     return masses
+
+
+@torch.no_grad()
+def _tie_tolerance(reference: Tensor, policy: Tensor) -> Tensor:
+    """(M,) TIE_ULPS * eps * max(1, largest finite |log-prob| of either row): d's rounding bound."""
+    scale = torch.maximum(
+        reference.abs().nan_to_num(nan=0.0, posinf=0.0).amax(dim=-1),
+        policy.abs().nan_to_num(nan=0.0, posinf=0.0).amax(dim=-1),
+    )
+    return TIE_ULPS * torch.finfo(reference.dtype).eps * scale.clamp(min=1.0)
 
 
 def _divergence_terms(reference_logps: Tensor, policy_logps: Tensor, measure: str, mu: float):
@@ -103,10 +150,12 @@ def _divergence_terms(reference_logps: Tensor, policy_logps: Tensor, measure: st
         return torch.logsumexp((1.0 + mu) * reference - mu * policy, dim=-1) / mu, kl
     if measure == "kl":
         masses = probs
-    elif measure == "cvar":
-        masses = _cvar_masses(probs, log_ratios.detach(), mu)
     else:
-        masses = _official_masses(probs, log_ratios.detach(), mu)
+        tolerance = _tie_tolerance(reference, policy.detach())
+        if measure == "cvar":
+            masses = _cvar_masses(probs, log_ratios.detach(), mu, tolerance)
+        else:
+            masses = _official_masses(probs, log_ratios.detach(), mu, tolerance)
     return (masses * log_ratios).sum(dim=-1), kl
 
 

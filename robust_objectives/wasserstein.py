@@ -38,20 +38,33 @@ def compute_embedding_penalties(losses: Tensor, embeddings: Tensor, *, create_gr
         create_graph: keep the graph of the gradient (training: the penalty is differentiated).
 
     Returns:
-        (B,) penalties in fp32 or wider; zeros if the losses do not depend on the embeddings.
+        (B,) penalties in fp32 or wider.
+
+    Raises:
+        ValueError: the row count is not 2B, or no gradient can reach `embeddings` from `losses`
+            (the embeddings do not require grad, or the log-probs were not computed from them in a
+            recorded graph, e.g. they were detached or sliced under torch.no_grad()). Returning 0
+            there would silently turn WDPO into DPO.
     """
     batch = losses.shape[0]
     if embeddings.shape[0] != 2 * batch:
         raise ValueError(
             f"wdpo: policy_input_embeddings has {embeddings.shape[0]} rows, expected 2B = {2 * batch}"
         )
-    if not losses.requires_grad:
-        return losses.new_zeros(batch)
-    (grads,) = torch.autograd.grad(
-        losses.sum(), embeddings, create_graph=create_graph, allow_unused=True
-    )
+    if not embeddings.requires_grad:
+        raise ValueError("wdpo needs policy_input_embeddings with requires_grad=True")
+    grads = None
+    if losses.requires_grad:
+        (grads,) = torch.autograd.grad(
+            losses.sum(), embeddings, create_graph=create_graph, allow_unused=True
+        )
     if grads is None:
-        return losses.new_zeros(batch)
+        raise ValueError(
+            "wdpo: no gradient reaches policy_input_embeddings from the losses, so the penalty "
+            "||d l / d e||^2 cannot be computed (it is not 0): the policy log-probs must be computed "
+            "from these embeddings in a graph recorded with grad (not detached, cloned with "
+            "detach(), or sliced under torch.no_grad()); use rho=0 for plain DPO"
+        )
     row_norms = to_compute_dtype(grads).pow(2).flatten(1).sum(dim=1)  # (2B,)
     return row_norms[:batch] + row_norms[batch:]
 
@@ -72,7 +85,10 @@ def wdpo(
     rho / (2 sqrt(mean g)) is taken as 0 when mean g = 0, where g's own gradient is 0 anyway).
     g_i = ||d l_i / d e_i||^2 with e_i both rows of pair i; the graph is kept (double backward)
     when grad is enabled, and dropped (create_graph=False) when called under torch.no_grad(),
-    which still needs a policy forward recorded with grad. rho = 0 gives DPO.
+    which still needs a policy forward recorded with grad. rho = 0 gives DPO and needs no
+    embeddings (given none, no penalty is computed and wdpo/grad_norm_sq is not reported). With
+    embeddings, a ValueError is raised when no gradient can reach them from the losses (detached,
+    or sliced under torch.no_grad()): the penalty would otherwise silently be 0.
 
     Worked example: chosen logp = <a, e_w>, rejected logp = <b, e_l>, h = 0 gives
     d l / d e_w = -(beta/2) a, d l / d e_l = (beta/2) b, g = (beta^2/4)(|a|^2 + |b|^2), and the
@@ -80,7 +96,7 @@ def wdpo(
 
     Args:
         inputs: PreferenceLogps with policy_input_embeddings (2B, T', d), requires_grad, from which
-            the policy log-probs were computed.
+            the policy log-probs were computed (optional when rho = 0).
         beta: KL-regularisation strength, > 0.
         rho: robustness radius rho_o, >= 0 (the two forms' scales are not comparable).
         penalty: "pointwise" or "sqrt".
@@ -91,11 +107,15 @@ def wdpo(
         metrics (rewards, wdpo/grad_norm_sq = mean g, wdpo/penalty = the term added to the loss).
     """
     create_graph = torch.is_grad_enabled()
+    if rho == 0 and inputs.policy_input_embeddings is None:
+        # DPO: the penalty would be multiplied by 0, so no embeddings (and no double backward).
+        chosen, rejected, metrics = pair_log_ratios(inputs, "wdpo", {"beta": beta, "rho": rho, "penalty": penalty})
+        losses = compute_pair_losses(chosen - rejected, beta)
+        metrics["wdpo/penalty"] = torch.zeros_like(losses.detach()).mean()
+        return mean_output(losses, metrics)
     with torch.enable_grad():
         chosen, rejected, metrics = pair_log_ratios(inputs, "wdpo", {"beta": beta, "rho": rho, "penalty": penalty})
         embeddings = require_field(inputs, "policy_input_embeddings", "wdpo")
-        if not embeddings.requires_grad:
-            raise ValueError("wdpo needs policy_input_embeddings with requires_grad=True")
         losses = compute_pair_losses(chosen - rejected, beta)  # per-pair DPO loss l_i
         if not create_graph and not losses.requires_grad:
             raise ValueError(

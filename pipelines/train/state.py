@@ -11,11 +11,18 @@ RNG is reseeded per micro-step from (seed, step, rank), so neither needs saving.
 history rides in every checkpoint because Ray Train V2 keeps only the metrics attached to kept
 checkpoints: the driver writes DIR/metrics.csv from the latest checkpoint's history, which survives
 worker restarts and driver reruns alike.
+
+Both .pt files are read with `torch.load(weights_only=True)`: tensors, numbers, strings, lists and
+dicts only, so a checkpoint cannot run code when it is loaded. The optimizer and scheduler state
+dicts are exactly that (LambdaLR stores its schedule function as None; `build_schedule` rebuilds it
+from the config), and save_checkpoint stores the scheduler's state dict only through
+_loadable_scheduler_state, which refuses anything else at save time rather than at resume.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +59,34 @@ def optimizer_state_dict(model, optimizer) -> dict[str, Any]:
     return optimizer.state_dict()
 
 
+def _loadable_scheduler_state(scheduler) -> dict[str, Any]:
+    """scheduler.state_dict() with only what `weights_only=True` loads back.
+
+    LambdaLR keeps the __dict__ of callable-object schedules and None for plain functions (ours:
+    build_schedule's closure, rebuilt from the config on resume). A callable object with state
+    would be pickled as arbitrary objects, which a weights_only load refuses; fail when writing.
+    """
+    state = scheduler.state_dict()
+    for entry in state.get("lr_lambdas", []):
+        if entry is not None:
+            raise TypeError(
+                f"LR schedule {type(scheduler).__name__} carries callable-object state {entry!r}; "
+                "checkpoints hold only tensors and plain values (build the schedule from a function)"
+            )
+    return state
+
+
+def _load_plain(path: Path) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers, never arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise RuntimeError(
+            f"checkpoint file {path} holds objects other than tensors and plain values; it is not "
+            "unpickled (weights_only=True), so a checkpoint cannot run code when it is loaded"
+        ) from error
+
+
 def save_checkpoint(directory: Path, model, optimizer, scheduler, *, step: int, history: list[dict],
                     rank: int) -> None:
     """Write the checkpoint files (rank 0 writes; under FSDP every rank joins the gathers)."""
@@ -61,7 +96,7 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, *, step: int, 
         return
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(weights, directory / TRAINABLE_FILE)
-    torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, directory / OPTIMIZER_FILE)
+    torch.save({"optimizer": optim, "scheduler": _loadable_scheduler_state(scheduler)}, directory / OPTIMIZER_FILE)
     (directory / STATE_FILE).write_text(json.dumps({"step": step, "history": history}))
 
 
@@ -72,8 +107,8 @@ def read_train_state(directory: str | Path) -> dict[str, Any]:
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict[str, Any]:
     """Restore weights, optimizer and scheduler on this rank; return the train state."""
-    weights = torch.load(directory / TRAINABLE_FILE, map_location="cpu", weights_only=True)
-    saved = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+    weights = _load_plain(directory / TRAINABLE_FILE)
+    saved = _load_plain(directory / OPTIMIZER_FILE)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != trainable:
         missing = sorted(trainable - set(weights))[:3]

@@ -1,7 +1,9 @@
 """Risk measures against naive transcriptions of OBJECTIVES.md 3.3, the quantile against torch.quantile,
-chunking, and the 2^24-element case that torch.quantile refuses."""
+chunking, the 2^24-element case that torch.quantile refuses, and the tie rule at policy == reference."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -146,3 +148,78 @@ def test_rows_without_response_positions_and_odd_vocabularies(measure):
         assert torch.allclose(expected, naive_official(reference[1, :2], policy[1, :2], 0.7).sum(), atol=1e-12)
     empty, _ = compute_sequence_divergence(policy, reference, torch.zeros(2, 3, dtype=torch.bool), measure=measure)
     assert torch.equal(empty, torch.zeros(2, dtype=torch.float64))
+
+
+# Ties (risk_measures module docstring, OBJECTIVES.md 3.6 item 8).
+
+
+def head_gradient(name, vocab, dtype, **hyper):
+    """Loss and gradient w.r.t. the tiny model's policy head at policy == reference."""
+    from objective_inputs import build_pair_inputs, make_heads, make_pair_data
+
+    from robust_objectives import get_objective
+
+    data = make_pair_data(4, vocab=vocab, dtype=dtype, seed=3)
+    policy_head, reference_head = make_heads(vocab, seed=5, at_reference=True, dtype=dtype)
+    inputs, _ = build_pair_inputs(data, policy_head, reference_head)
+    out = get_objective(name)(inputs, **hyper)
+    (grad,) = torch.autograd.grad(out.loss, policy_head)
+    return out.loss.detach(), grad
+
+
+@pytest.mark.parametrize("risk", ["cvar", "cvar_official"])
+@pytest.mark.parametrize("variant", [("radpo1", "tdpo1", {}), ("radpo2", "tdpo2", {"alpha": 0.5})])
+@pytest.mark.parametrize("dtype, vocab", [(torch.float64, 7), (torch.float64, 1000), (torch.float32, 7),
+                                          (torch.float32, 1000)])
+@pytest.mark.parametrize("mu", [0.5, 0.95])
+def test_at_reference_radpo_first_step_equals_tdpo(risk, variant, dtype, vocab, mu, monkeypatch):
+    """At pi_theta == pi_ref, d is 0 up to rounding: Ra-DPO's loss and first gradient (w.r.t. the
+    policy's parameters) equal TDPO's. "cvar": the tie rule gives m = mu p, so D_SeqRR = D_SeqKL with
+    the KL's gradient. "cvar_official": nothing is kept, D_SeqRR = 0 with zero gradient, as the KL's
+    gradient w.r.t. the logits is pi - p = 0 there. Without the rule (TIE_ULPS = 0) rounding picks the
+    tail and radpo1's gradient differs from tdpo1's by percents, so this test can fail."""
+    radpo, tdpo, extra = variant
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    loss, grad = head_gradient(radpo, vocab, dtype, mu=mu, risk=risk, **extra)
+    base_loss, base_grad = head_gradient(tdpo, vocab, dtype, **extra)
+    scale = base_grad.abs().max()
+    assert scale > 0
+    assert torch.allclose(loss, base_loss, rtol=tol, atol=tol)
+    assert (grad - base_grad).abs().max() <= tol * scale
+    monkeypatch.setattr(risk_measures, "TIE_ULPS", 0)
+    _, untied = head_gradient(radpo, vocab, dtype, mu=mu, risk=risk, **extra)
+    if radpo == "radpo1":  # radpo2's rejected term alone may happen to round to TDPO's split
+        assert (untied - base_grad).abs().max() > 1e-4 * scale
+
+
+def test_cvar_tied_entries_share_the_boundary_mass_in_proportion_to_p():
+    """pi_ref = (.4, .3, .2, .1), pi_theta = (.1, .15, .1, .65): d = (log 4, log 2, log 2, log(2/13)),
+    entries 2 and 3 tied (to rounding) at the boundary of the mu = 0.5 tail. Entry 1 is taken whole
+    (0.4); the remaining 0.1 is split 0.3 : 0.2, so m = (.4, .06, .04, 0) and the gradient w.r.t.
+    log pi_theta is -m / mu, whatever order the sort put the tied pair in. Without the rule, one of them
+    would get the whole 0.1 (gradient -(.8, .2, 0, 0) or -(.8, 0, .2, 0))."""
+    reference = torch.tensor([[0.4, 0.3, 0.2, 0.1]], dtype=torch.float64).log()
+    policy = torch.tensor([[0.1, 0.15, 0.1, 0.65]], dtype=torch.float64).log().requires_grad_()
+    phi = compute_position_divergence(reference, policy, measure="cvar", mu=0.5)
+    assert torch.allclose(phi, torch.tensor([(0.4 * math.log(4) + 0.1 * math.log(2)) / 0.5], dtype=torch.float64))
+    (grad,) = torch.autograd.grad(phi.sum(), policy)
+    assert torch.allclose(grad, -torch.tensor([[0.8, 0.12, 0.08, 0.0]], dtype=torch.float64), atol=1e-12)
+    for permutation in ([1, 2, 0, 3], [2, 1, 3, 0]):  # the split does not depend on the vocabulary order
+        permuted = policy.detach()[:, permutation].requires_grad_()
+        (grad_permuted,) = torch.autograd.grad(
+            compute_position_divergence(reference[:, permutation], permuted, measure="cvar", mu=0.5).sum(), permuted)
+        assert torch.allclose(grad_permuted, grad[:, permutation], atol=1e-12)
+
+
+@pytest.mark.parametrize("mu", [0.3, 0.95, 1.0])
+def test_position_divergences_at_reference(mu):
+    """At pi_theta == pi_ref (the reference renormalised as the objectives do, so d is rounding only):
+    cvar = KL = 0 with gradient -p w.r.t. log pi_theta (the KL's); cvar_official = 0 with gradient 0."""
+    reference = random_logps(6, 50, seed=60, dtype=torch.float32)
+    policy = reference.clone().requires_grad_()
+    p = reference.exp()
+    for measure, expected in (("kl", -p), ("cvar", -p), ("cvar_official", torch.zeros_like(p))):
+        phi = compute_position_divergence(reference, policy, measure=measure, mu=mu)
+        assert phi.abs().max() < 1e-6
+        (grad,) = torch.autograd.grad(phi.sum(), policy)
+        assert torch.allclose(grad, expected, atol=1e-6), measure

@@ -52,20 +52,49 @@ def test_penalty_is_the_squared_embedding_gradient_by_central_differences():
     assert (expected > 0).all()
 
 
-def test_penalty_is_zero_when_the_loss_does_not_depend_on_the_embeddings():
+def test_no_gradient_reaching_the_embeddings_raises_instead_of_a_zero_penalty():
+    """rho > 0 and embeddings cut from the losses' graph: the penalty cannot be computed (it is not
+    0), so wdpo raises instead of silently becoming DPO. Three ways the graph is cut: log-probs that
+    never used the embeddings, log-probs computed from a detached copy, and an embedding tensor taken
+    (sliced) after the forward, with grad or under torch.no_grad()."""
     embeddings = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
     chosen = torch.randn(2, dtype=torch.float64, requires_grad=True)
     rejected = torch.randn(2, dtype=torch.float64, requires_grad=True)
     refs = torch.randn(2, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
-    inputs = PreferenceLogps(chosen, rejected, *refs, policy_input_embeddings=embeddings)
+    unrelated = PreferenceLogps(chosen, rejected, *refs, policy_input_embeddings=embeddings)
+    data = make_pair_data(2, seed=26)
+    policy_head, reference_head = make_heads(seed=27)
+    inputs, leaf = build_pair_inputs(data, policy_head, reference_head)
+    detached_copy = leaf.detach().clone().requires_grad_()
+    sliced_after = leaf[:, :]  # requires grad, but the log-probs were computed from `leaf`, not from it
+    with torch.no_grad():
+        sliced_without_grad = leaf[:, :]
     for penalty in ("pointwise", "sqrt"):
-        out = get_objective("wdpo")(inputs, rho=3.0, penalty=penalty)
-        assert out.metrics["wdpo/grad_norm_sq"] == 0
-        (grad,) = torch.autograd.grad(out.loss, chosen)
-        dpo = get_objective("dpo")(inputs)
-        (dpo_grad,) = torch.autograd.grad(dpo.loss, chosen)
-        assert torch.allclose(out.loss, dpo.loss, atol=1e-15)
-        assert torch.isfinite(grad).all() and torch.allclose(grad, dpo_grad, atol=1e-15)
+        for embeddings_in in (detached_copy, sliced_after, sliced_without_grad, None):
+            cut = unrelated if embeddings_in is None else dataclasses.replace(
+                inputs, policy_input_embeddings=embeddings_in)
+            with pytest.raises(ValueError, match="no gradient reaches policy_input_embeddings"):
+                get_objective("wdpo")(cut, rho=3.0, penalty=penalty)
+        out = get_objective("wdpo")(inputs, rho=3.0, penalty=penalty)  # the uncut graph: a real penalty
+        assert out.metrics["wdpo/grad_norm_sq"] > 0
+
+
+@pytest.mark.parametrize("penalty", ["pointwise", "sqrt"])
+def test_rho_zero_needs_no_embeddings(penalty):
+    """rho = 0 is DPO: without embeddings the loss and gradient are DPO's and no penalty is computed."""
+    data = make_pair_data(3, seed=28)
+    policy_head, reference_head = make_heads(seed=29)
+    inputs, _ = build_pair_inputs(data, policy_head, reference_head)
+    bare = dataclasses.replace(inputs, policy_input_embeddings=None)
+    out = get_objective("wdpo")(bare, rho=0.0, penalty=penalty)
+    dpo = get_objective("dpo")(bare)
+    assert torch.allclose(out.loss, dpo.loss, atol=1e-15) and out.metrics["wdpo/penalty"] == 0
+    assert "wdpo/grad_norm_sq" not in out.metrics
+    (grad,) = torch.autograd.grad(out.loss, policy_head, retain_graph=True)
+    (dpo_grad,) = torch.autograd.grad(dpo.loss, policy_head)
+    assert torch.allclose(grad, dpo_grad, atol=1e-15)
+    with pytest.raises(ValueError, match="policy_input_embeddings, which is None"):
+        get_objective("wdpo")(bare, rho=1e-3, penalty=penalty)
 
 
 def test_evaluation_under_no_grad_gives_the_same_value_without_a_graph():
