@@ -30,7 +30,7 @@ INPUT_FORMATS = ("pairs", "hh", "chat", "listwise")
 HH_MARKER = "\n\nAssistant:"
 # Why each row can be rejected; data_stats.json counts rows per code.
 ERROR_CODES = (
-    "unparsable", "not_an_object", "missing", "null", "empty", "wrong_type", "identical",
+    "unparsable", "not_an_object", "missing", "null", "empty", "wrong_type", "invalid_text", "identical",
     "length_mismatch", "too_few_responses", "non_finite", "out_of_range", "no_assistant_turn",
     "prompt_mismatch", "prompt_too_long",
 )
@@ -52,8 +52,8 @@ def parse_record(text: str) -> dict[str, Any]:
     """Parse one JSON line/record into a dict; RowError('record', unparsable|not_an_object) otherwise."""
     try:
         value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        msg = getattr(exc, "msg", "too deeply nested")
+    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+        msg = getattr(exc, "msg", None) or ("too deeply nested" if isinstance(exc, RecursionError) else str(exc))
         col = getattr(exc, "colno", None)
         where = f" at column {col}" if col else ""
         raise RowError("record", "unparsable", f"not valid JSON ({msg}{where})") from None
@@ -251,6 +251,10 @@ def _check_text(field: str, value: Any) -> str:
                        f"expected a string, got {_type(value)}" if value is not None else "is null")
     if not value.strip():
         raise RowError(field, "empty", "is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (JSON "\ud800"): no tokenizer can encode it
+        raise RowError(field, "invalid_text", f"not valid Unicode text (lone surrogate at character {exc.start})") from None
     return value
 
 
@@ -277,12 +281,25 @@ def _messages(record: Mapping[str, Any], field: str) -> list[dict[str, str]]:
     return out
 
 
+def _finite(value: int | float) -> bool:
+    """math.isfinite, with integers too large for a float counted as not finite (no OverflowError)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _number(value: Any, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RowError(field, "wrong_type", f"expected a number, got {_type(value)}")
-    if not math.isfinite(value):
-        raise RowError(field, "non_finite", f"non-finite value {value!r}")
+    if not _finite(value):
+        raise RowError(field, "non_finite", f"non-finite value {_short(value)}")
     return float(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def _numbers(record: Mapping[str, Any], field: str, length: int) -> list[float]:
@@ -293,8 +310,8 @@ def _numbers(record: Mapping[str, Any], field: str, length: int) -> list[float]:
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise RowError(field, "wrong_type", f"expected numbers, got {_type(v)} at index {i}")
-        if not math.isfinite(v):
-            raise RowError(field, "non_finite", f"non-finite value {v!r} at index {i}")
+        if not _finite(v):
+            raise RowError(field, "non_finite", f"non-finite value {_short(v)} at index {i}")
         out.append(float(v))
     return out
 
@@ -316,6 +333,7 @@ def _type(value: Any) -> str:
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: `datasets` save_to_disk shards (Arrow IPC streams)
 RECORDS_PER_CHUNK = 2048
+JSON_WHITESPACE = " \t\r\n"  # RFC 8259 insignificant whitespace
 
 
 def _arrow_stream_batches(data) -> Iterator[Any]:
@@ -344,18 +362,22 @@ def iter_file_records(stream: BinaryIO, file: str, suffix: str) -> Iterator[list
 
         row = 0
         data = pa.BufferReader(stream.read())
-        batches = (pq.ParquetFile(data).iter_batches(batch_size=RECORDS_PER_CHUNK) if suffix == ".parquet"
-                   else _arrow_stream_batches(data))
-        for batch in batches:
-            records = batch.to_pylist()
-            yield [_record(file, row + i, json.dumps(r, default=str)) for i, r in enumerate(records)]
-            row += len(records)
+        try:
+            batches = (pq.ParquetFile(data).iter_batches(batch_size=RECORDS_PER_CHUNK) if suffix == ".parquet"
+                       else _arrow_stream_batches(data))
+            for batch in batches:
+                records = batch.to_pylist()
+                yield [_record(file, row + i, json.dumps(r, default=_json_default)) for i, r in enumerate(records)]
+                row += len(records)
+        except (pa.ArrowException, OSError) as exc:  # truncated, empty or not a parquet/arrow file at all
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            yield [_record(file, row, "", f"cannot read the {suffix[1:]} file after {row} row(s) ({first})")]
         return
     if suffix == ".json":
         data = stream.read()
         try:  # one JSON document: an array of records, or a single record
             doc = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
             if data.lstrip()[:1] == b"[":
                 where = f" at line {exc.lineno} column {exc.colno}" if hasattr(exc, "lineno") else ""
                 yield [_record(file, 0, "", f"not a valid JSON array ({getattr(exc, 'msg', exc)}{where})")]
@@ -375,7 +397,7 @@ def iter_file_records(stream: BinaryIO, file: str, suffix: str) -> Iterator[list
         except UnicodeDecodeError as exc:
             chunk.append(_record(file, index, "", f"not valid UTF-8 at byte {exc.start}"))
             continue
-        if not line.strip():
+        if not line.strip(JSON_WHITESPACE):  # only what JSON itself skips; U+00A0 etc. make an unparsable row
             continue
         chunk.append(_record(file, index, line))
         if len(chunk) >= RECORDS_PER_CHUNK:
@@ -398,6 +420,14 @@ def _lines(stream: BinaryIO) -> Iterator[bytes]:
             yield part.rstrip(b"\r")
     if rest:
         yield rest.rstrip(b"\r")
+
+
+def _json_default(value: Any) -> Any:
+    """Columnar values JSON has no type for: bytes become {"$binary": hex} (so a binary column is a
+    wrong_type, never text), dates and decimals their string."""
+    if isinstance(value, (bytes, bytearray)):
+        return {"$binary": bytes(value).hex()}
+    return str(value)
 
 
 def _record(file: str, row: int, record: str, read_error: str = "") -> dict[str, Any]:
