@@ -131,6 +131,11 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
+    def __reduce__(self):
+        # Tune pickles its callbacks with the experiment state; a terminal stream does not pickle,
+        # and a restored copy only needs to know what it counts.
+        return (Progress, (self.stage, self.label, self.total), None)
+
     def __enter__(self) -> "Progress":
         return self
 

@@ -67,3 +67,19 @@ def test_config_walk_resolves_nested_lists_names_and_reward_specs(tree):
     assert got.reward == f"world:{tree / 'runs/w'}:r1" and got.note == "runs/x"
     assert resolve_config_paths(got, tree / "runs") == got  # absolute paths are fixed points
     assert resolve_config_paths(_Config(model=_Section(path="org/model"), reward="pkg.mod:fn"), tree).reward == "pkg.mod:fn"
+
+
+def test_progress_pickles_without_its_stream_and_prints_bounded_plain_lines():
+    import io
+    import pickle
+
+    from pipelines.console import Progress
+
+    stream = io.StringIO()  # not a terminal: plain lines, at most one per min_interval, plus the last
+    progress = Progress("tune", "trials", 3, min_interval=3600, stream=stream)
+    for _ in range(3):
+        progress.update(1, postfix="dpo step 2")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and "1/3" in lines[0] and "3/3" in lines[1] and lines[1].endswith("| dpo step 2")
+    copy = pickle.loads(pickle.dumps(progress))
+    assert (copy.stage, copy.label, copy.total) == ("tune", "trials", 3)
