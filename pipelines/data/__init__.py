@@ -50,7 +50,7 @@ SPLIT_WORDS = ("train", "eval", "test", "validation")
 class DataConfig:
     """Everything `robust-dpo data` needs; overrides as `key=value` or `data.key=value`."""
 
-    dataset: DatasetPath  # SRC: a .jsonl/.json/.parquet file, a folder of them, or a hub name owner/name
+    dataset: DatasetPath  # SRC: a .jsonl/.json/.parquet file, a folder of them, a `datasets` save_to_disk folder, or a hub name owner/name
     tokenizer: ModelPath  # path or hub name for AutoTokenizer.from_pretrained
     output: OutputPath  # output folder (created; its split folders are replaced)
     format: Literal["auto", "pairs", "hh", "chat", "listwise"] = "auto"  # input format; auto = detect
@@ -501,7 +501,8 @@ def _write_json(path: Path, body: dict) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, metavar="SRC",
-                        help="a .jsonl/.json/.parquet file, a folder of them, or a hub dataset owner/name")
+                        help="a .jsonl/.json/.parquet file, a folder of them, a `datasets` save_to_disk folder, "
+                             "or a hub dataset owner/name")
     parser.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer path or hub name")
     parser.add_argument("--output", required=True, metavar="DIR", help="output dataset folder")
     parser.add_argument("--shift", action="append", default=None, metavar="SPEC",
