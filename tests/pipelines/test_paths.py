@@ -83,3 +83,22 @@ def test_progress_pickles_without_its_stream_and_prints_bounded_plain_lines():
     assert len(lines) == 2 and "1/3" in lines[0] and "3/3" in lines[1] and lines[1].endswith("| dpo step 2")
     copy = pickle.loads(pickle.dumps(progress))
     assert (copy.stage, copy.label, copy.total) == ("tune", "trials", 3)
+
+
+def test_a_run_typed_with_relative_paths_resumes_with_absolute_ones(tmp_path, monkeypatch, tiny_model_dir):
+    """The resume check compares resolved configs: `runs/t` then `/abs/runs/t` is the same run."""
+    import shutil
+
+    from pipelines import config
+    from pipelines.train.config import TrainConfig, train_config_to_dict
+
+    shutil.copytree(tiny_model_dir, tmp_path / "runs" / "w" / "reference_model")
+    (tmp_path / "runs" / "d").mkdir()
+    monkeypatch.chdir(tmp_path)
+    relative = config.load(TrainConfig, None, ["model.path=runs/w/reference_model", "data.path=runs/d",
+                                               "objective.name=dpo"], flags={"output": "runs/t"})
+    absolute = config.load(TrainConfig, None, [f"model.path={tmp_path}/runs/w/reference_model",
+                                               f"data.path={tmp_path}/runs/d", "objective.name=dpo"],
+                           flags={"output": str(tmp_path / "runs" / "t")})
+    assert train_config_to_dict(relative) == train_config_to_dict(absolute)
+    assert relative.model.path == str(tmp_path / "runs" / "w" / "reference_model")
