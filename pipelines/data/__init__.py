@@ -337,11 +337,11 @@ def _summarize(ds) -> dict[str, Any]:
     found = ds.map_batches(_summary_columns, batch_format="pyarrow").aggregate(
         ValueCounter(on="error_code", alias_name="codes"), Sum(on="truncated", alias_name="truncated"),
         Unique(on="extras", encode_lists=True, alias_name="extras"),
-        Unique(on="ignored", encode_lists=True, alias_name="ignored"))
-    codes = found["codes"] or {"values": [], "counts": []}  # None when the split has no rows
+        Unique(on="ignored", encode_lists=True, alias_name="ignored")) or {}  # None: a split with no rows
+    codes = found.get("codes") or {"values": [], "counts": []}
     return {"codes": {code: int(n) for code, n in zip(codes["values"], codes["counts"])},
-            "extras": sorted(found["extras"] or []), "ignored": sorted(found["ignored"] or []),
-            "truncated": int(found["truncated"] or 0)}
+            "extras": sorted(found.get("extras") or []), "ignored": sorted(found.get("ignored") or []),
+            "truncated": int(found.get("truncated") or 0)}
 
 
 def _summary_columns(table):

@@ -460,7 +460,8 @@ def count_keys(ds, column: str, key_map: Mapping[str, str] | None) -> dict[str, 
     """Rows per key of `column` over the whole dataset (Ray Data's ValueCounter, then `_key`)."""
     from ray.data.aggregate import ValueCounter
 
-    found = ds.aggregate(ValueCounter(on=column, alias_name="counts"))["counts"] or {"values": [], "counts": []}
+    found = (ds.aggregate(ValueCounter(on=column, alias_name="counts")) or {}).get("counts") or {
+        "values": [], "counts": []}  # aggregate gives None for a dataset with no rows
     counts: dict[str, int] = {}
     for value, n in zip(found["values"], found["counts"]):  # null is a value here (key "")
         key = _key(value, key_map)
