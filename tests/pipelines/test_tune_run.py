@@ -123,7 +123,8 @@ def test_tune_with_a_failing_trial_exits_1_names_it_and_tracks_the_rest(ray_sess
     failed = [line for line in printed.splitlines() if "FAILED" in line]
     assert len(failed) == 1 and "dpo_pl-beta_0.1" in failed[0] and "is listwise" in failed[0], printed
     error_file = out / "trials" / "dpo_pl-beta_0.1" / "error.txt"
-    assert str(error_file) in failed[0] and "Traceback" in error_file.read_text()
+    full = error_file.read_text()  # the whole remote traceback, down to the line that raised
+    assert str(error_file) in failed[0] and "in inspect_dataset" in full and "is listwise" in full.splitlines()[-1]
     trials = pd.read_csv(out / "trials.csv")
     assert list(trials["objective"]) == ["dpo"]
 
