@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,7 +75,7 @@ def keys_help(cls) -> str:
     for r in rows:
         default = "required" if r.default is config_lib.REQUIRED else f"default {r.default!r}"
         lines.append(f"  {r.key:<{width}}  {r.type}, {default}" + (f": {r.comment}" if r.comment else ""))
-    for field in __import__("dataclasses").fields(cls):
+    for field in dataclasses.fields(cls):
         schema = field.metadata.get("schema")
         if schema is not None:
             lines.append(f"  every other key: a {schema.__name__} key shared by every trial (see `robust-dpo train --help`)")
@@ -115,10 +117,10 @@ def main(argv: list[str] | None = None, own_terminal: bool = False) -> int:
         if args.print_config:
             return print_config(module.build_config(args))
         output = getattr(args, "output", None)
-        log_dir = Path(output).resolve() / "logs" if output else Path.cwd() / "robust-dpo-logs"
-        os.environ.setdefault(LOG_DIR_ENV, str(log_dir))
+        log_dir = Path(output).resolve() / "logs" if output else Path(tempfile.gettempdir()) / "robust-dpo-logs"
+        os.environ[LOG_DIR_ENV] = str(log_dir)
         if own_terminal:
-            console.own_terminal(os.environ[LOG_DIR_ENV])
+            console.own_terminal(log_dir)
         if output and args.stage in LOCKED_STAGES:
             with output_lock(output, args.stage):
                 return int(module.main(args) or 0)
@@ -186,9 +188,6 @@ def entry() -> int:
 
 
 def print_config(cfg) -> int:
-    import dataclasses
-    import json
-
     import yaml
 
     print(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False), end="")

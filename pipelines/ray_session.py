@@ -28,7 +28,6 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # Workers' output reaches this console only with --verbose (progress comes back through the
     # stages' own channels); Ray keeps it in its session folder, linked from <output>/logs/.
     log_to_driver = console.verbose()
-    data_context = None
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
     else:
@@ -41,7 +40,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         )
     from ray.data import DataContext
 
-    data_context = DataContext.get_current()
+    data_context = DataContext.get_current()  # Ray Data's progress bars and "Starting execution" lines
     data_context.enable_progress_bars = console.verbose()
     data_context.print_on_execution_start = console.verbose()
     console.quiet_ray(os.environ.get("ROBUST_DPO_LOG_DIR") or Path(tempfile.gettempdir()) / "robust-dpo-logs")
