@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None, own_terminal: bool = False) -> int:
         if own_terminal:
             console.own_terminal(log_dir)
         if output and args.stage in LOCKED_STAGES:
+            module.build_config(args)  # bad input fails (exit 2) before the lock creates --output
             with output_lock(output, args.stage):
                 return int(module.main(args) or 0)
         return int(module.main(args) or 0)
