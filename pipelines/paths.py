@@ -68,8 +68,8 @@ def resolve_path(value: str, kind: str, key: str, cwd: str | Path | None = None,
     if not value or is_uri(value):
         return value
     cwd = Path(cwd or os.getcwd())
-    path = (cwd / Path(value).expanduser()).resolve() if not Path(value).expanduser().is_absolute() else Path(
-        value).expanduser().resolve()
+    given = Path(value).expanduser()
+    path = (given if given.is_absolute() else cwd / given).resolve()
     if kind == OUTPUT:
         return str(path)
     if path.exists():

@@ -19,7 +19,6 @@ it, the trials' train config included, so a typo anywhere fails (exit 2) before 
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -107,48 +106,43 @@ def sweep_config(cfg: RunConfig, out: Path, reward: str) -> TuneConfig:
                       tracking=cfg.tracking, mlflow=cfg.mlflow, wandb=cfg.wandb)
 
 
-def _step(label: str, started: float) -> None:
-    say("run", label)
-
-
-def _world(cfg: RunConfig, world_dir: Path, started: float) -> None:
+def _world(cfg: RunConfig, world_dir: Path) -> None:
     matches = world_lib.world_matches(world_dir, cfg.synth)
     if matches:
-        _step("[1/5] world: already generated", started)
+        say("run", "[1/5] world: already generated")
         return
     if matches is False:
         raise UserError(f"{world_dir} holds a world made with other synth.* keys; use another --output")
-    _step("[1/5] world: generating", started)
+    say("run", "[1/5] world: generating")
     world_lib.generate_world(cfg.synth, world_dir, log=lambda m: None if m.startswith(" ") else say("synth", m))
 
 
-def _data(world_dir: Path, data_dir: Path, started: float) -> None:
+def _data(world_dir: Path, data_dir: Path) -> None:
     if (data_dir / schema.MANIFEST_FILE).is_file():
-        _step("[2/5] data: already prepared", started)
+        say("run", "[2/5] data: already prepared")
         return
-    _step("[2/5] data: validating and tokenising with Ray Data", started)
+    say("run", "[2/5] data: validating and tokenising with Ray Data")
     data.prepare_data(data.DataConfig(dataset=str(world_dir / "data"), tokenizer=str(world_dir / "tokenizer"),
                                       output=str(data_dir), max_length=64))
 
 
 def run(cfg: RunConfig) -> Path:
     """The whole chain; returns the path of report.md."""
-    started = time.perf_counter()
     out = Path(cfg.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config_lib.dump(cfg, out / "run_config.yaml")
     world_dir, data_dir = out / "world", out / "data"
-    _world(cfg, world_dir, started)
-    _data(world_dir, data_dir, started)
+    _world(cfg, world_dir)
+    _data(world_dir, data_dir)
     reward = cfg.run.reward or f"world:{world_dir}"
 
-    _step("[3/5] sweep: one TorchTrainer per trial under Ray Tune", started)
+    say("run", "[3/5] sweep: one TorchTrainer per trial under Ray Tune")
     trials = tune.tune(sweep_config(cfg, out, reward))
     failed = trials.attrs.get("failed", [])
     if not len(trials):
         raise RuntimeError(f"no trial finished ({len(failed)} failed: the lines above name their error files)")
 
-    _step(f"[4/5] evaluate: {len(trials)} trial(s) under {', '.join(cfg.run.grid)}", started)
+    say("run", f"[4/5] evaluate: {len(trials)} trial(s) under {', '.join(cfg.run.grid)}")
     checkpoints = [f"{row.trial_id}={row.final_model}" for row in trials.itertuples()]
     if cfg.run.include_reference:
         checkpoints.append(f"{report.BASELINE_OBJECTIVE}={world_dir / 'reference_model'}")
@@ -158,7 +152,7 @@ def run(cfg: RunConfig) -> Path:
         output=str(out / "evaluation"), grid=list(cfg.run.grid), reward=reward)
     robustness = evaluate.evaluate(eval_cfg)
 
-    _step("[5/5] report", started)
+    say("run", "[5/5] report")
     rows = trials.copy()
     if cfg.run.include_reference:
         robustness = robustness.assign(objective=robustness["trial_id"].map(
@@ -171,7 +165,7 @@ def run(cfg: RunConfig) -> Path:
                             [paths.report_md, out / "pareto.png", out / "robustness.png"])
     if failed:
         raise TrialsFailed(paths.report_md, failed)
-    _step(f"done: {paths.report_md}", started)
+    say("run", f"done: {paths.report_md}")
     return paths.report_md
 
 

@@ -171,18 +171,6 @@ def _mlflow_params(params: Mapping[str, Any]):
     return [Param(k, str(v)[:6000]) for k, v in params.items()]
 
 
-def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            out.update(flatten(value, name))
-        else:
-            out[name] = value
-    return out
-
-
 # [2] Tune: Ray's logger callbacks, then the report's artifacts ------------------------------------
 
 

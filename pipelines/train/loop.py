@@ -173,10 +173,10 @@ def train_fn_per_worker(loop_config: dict) -> None:
 
     tracker = None  # rank 0 reports every row to the asked-for trackers (pipelines/tracking.py)
     if rank == 0 and cfg.tracking:
-        from pipelines.tracking import RunTracker, flatten
+        from pipelines.tracking import RunTracker
 
         tracker = RunTracker(cfg.tracking_config(), cfg.output, Path(cfg.output).name,
-                             flatten({"objective": {"name": cfg.objective.name, **cfg.objective.hyperparameters},
+                             tc.flatten({"objective": {"name": cfg.objective.name, **cfg.objective.hyperparameters},
                                       "train": dataclasses.asdict(cfg.train), "lora": dataclasses.asdict(cfg.lora)}))
 
     train_data = ray.train.get_dataset_shard("train")
