@@ -1,7 +1,7 @@
 """The two sides of the throughput benchmark: TRL's DPOTrainer and our worker's training step.
 
 Ours is `pipelines.train.step.train_step` fed exactly as `pipelines.train.loop.train_fn_per_worker`
-feeds it on one worker: the typed TrainConfig, the same StepContext, torch AdamW, the
+feeds it on one worker: the typed TrainConfig, the same StepContext, the worker's AdamW, the
 worker's LR schedule, `split_global_batch` -> `collate_pairs` -> `move_batch` per micro-batch.
 Only Ray Data's iterator is replaced by in-memory rows of the same (numpy) batch format.
 
@@ -43,19 +43,28 @@ class ContenderSpec:
     objective: str = "dpo"
     gradient_checkpointing: bool = True  # TRL only (TRL's default is on)
     reference: str = "live"  # "live" | "precomputed"
+    path: str = "fast"  # ours only: a key of OUR_PATHS
 
     @property
     def label(self) -> str:
         precomputed = self.reference == "precomputed"
         if self.side == "trl":
             return ("trl" if self.gradient_checkpointing else "trl_no_gc") + ("_precomputed" if precomputed else "")
-        return f"ours:{self.objective}" + (":precomputed" if precomputed else "")
+        return (f"ours:{self.objective}" + (":precomputed" if precomputed else "")
+                + (f":{self.path}" if self.path != "fast" else ""))
+
+
+# Our step's levers, one at a time (issue 11): (layout, response-only head) of pipelines/collate.py.
+# "fast" is what the train stage runs (pipelines.train.config.batch_layout: the prompt shared, or
+# packed unshared rows for wdpo); "plain" is train.packing=false.
+OUR_PATHS = {"plain": ("padded", False), "head": ("padded", True), "packed": ("packed", True), "fast": None}
 
 
 def parse_contender(text: str) -> ContenderSpec:
     """Raises ValueError naming the bad spec and the accepted forms."""
     text = text.strip()
-    forms = "trl, trl_no_gc, trl_precomputed, trl_no_gc_precomputed, ours:<objective>[:precomputed]"
+    forms = ("trl, trl_no_gc, trl_precomputed, trl_no_gc_precomputed, "
+             "ours:<objective>[:precomputed][:plain|:head|:packed]")
     if text.startswith("trl"):
         table = {"trl": (True, "live"), "trl_no_gc": (False, "live"), "trl_precomputed": (True, "precomputed"),
                  "trl_no_gc_precomputed": (False, "precomputed")}
@@ -64,14 +73,19 @@ def parse_contender(text: str) -> ContenderSpec:
         gc_on, reference = table[text]
         return ContenderSpec(side="trl", gradient_checkpointing=gc_on, reference=reference)
     parts = text.split(":")
-    if parts[0] != "ours" or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "precomputed"):
+    options = parts[2:]
+    paths = [o for o in options if o in OUR_PATHS and o != "fast"]
+    if (parts[0] != "ours" or len(parts) < 2 or len(paths) > 1 or options.count("precomputed") > 1
+            or len(options) != len(paths) + options.count("precomputed")):
         raise ValueError(f"unknown contender {text!r}; expected one of {forms}")
     import robust_objectives as ro
 
     if parts[1] not in ro.OBJECTIVES or parts[1] in ro.LISTWISE:
         pairwise = sorted(set(ro.OBJECTIVES) - set(ro.LISTWISE))
         raise ValueError(f"contender {text!r}: objective must be a pairwise one of {', '.join(pairwise)}")
-    spec = ContenderSpec(side="ours", objective=parts[1], reference="precomputed" if len(parts) == 3 else "live")
+    path = paths[0] if paths else "fast"
+    spec = ContenderSpec(side="ours", objective=parts[1], path=path,
+                         reference="precomputed" if "precomputed" in options else "live")
     from pipelines.errors import UserError
     from pipelines.train.config import build_train_config
 
@@ -169,7 +183,7 @@ def build_ours_config(spec: ContenderSpec, setup: BenchSetup):
         "objective": {"name": spec.objective},
         "train": {"batch_size": setup.batch_size, "micro_batch_size": setup.micro_batch_size,
                   "precision": setup.precision, "use_gpu": setup.device.type == "cuda", "seed": setup.seed,
-                  "max_steps": setup.total_steps, "lr": setup.lr},
+                  "max_steps": setup.total_steps, "lr": setup.lr, "packing": spec.path != "plain"},
         "reference": {"mode": spec.reference},
     })
 
@@ -183,13 +197,15 @@ def build_step_context(cfg, *, rank: int = 0, world_size: int = 1):
 
 def precompute_reference_columns(model, pairs: bs.PreferencePairs, cfg, device, pad: int) -> dict[str, np.ndarray]:
     """The reference stage's columns, computed as its actor (model.PairLogps) does (batches of
-    reference.batch_size pairs, compute_row_logps under no_grad, float64)."""
+    reference.batch_size pairs, the prompt shared, compute_row_logps under no_grad, float64)."""
     from pipelines import model as model_lib
+
+    from pipelines.collate import collate_pairs
 
     chosen, rejected = [], []
     for start in range(0, len(pairs), cfg.reference.batch_size):
         rows = pairs.rows(start, min(start + cfg.reference.batch_size, len(pairs)))
-        batch = model_lib.move_batch(model_lib.collate_pairs(rows, pad), device)
+        batch = model_lib.move_batch(collate_pairs(rows, pad, layout="shared", response_head=True), device)
         with torch.no_grad():
             logps = model_lib.compute_row_logps(model, batch, precision=cfg.train.precision).logps.double().cpu()
         b = batch["num_pairs"]
@@ -216,6 +232,8 @@ class OursContender(Contender):
         if self.reference is not None:
             self.reference.requires_grad_(False)
         self.pad = model_lib.pad_token_id_of(self.policy)
+        self.layout = OUR_PATHS[spec.path] or tc.batch_layout(cfg)
+        self.extra["layout"] = "{} + {}".format(self.layout[0], "response-only head" if self.layout[1] else "full logits")
         self.columns: dict[str, np.ndarray] = {}
         if cfg.reference.mode == "precomputed":
             reference = setup.instantiate(attn).eval()
@@ -227,7 +245,7 @@ class OursContender(Contender):
             del reference
             self.release()
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.optimizer = train_lib.build_optimizer(cfg, trainable)
         self.scheduler = train_lib.build_schedule(self.optimizer, cfg, setup.total_steps)
         self.ctx = build_step_context(cfg)
 
@@ -242,6 +260,7 @@ class OursContender(Contender):
         if self.error is not None:
             return
         from pipelines import model as model_lib
+        from pipelines.collate import collate_pairs
         from pipelines.train import loop as train_lib
         from pipelines.train import step as step_lib
 
@@ -250,7 +269,9 @@ class OursContender(Contender):
         rows.update({k: v[start:stop].copy() for k, v in self.columns.items()})
         self.meter.begin(self.resident_bytes())
         try:
-            micro = [model_lib.move_batch(model_lib.collate_pairs(r, self.pad), self.setup.device)
+            layout, head = self.layout
+            micro = [model_lib.move_batch(collate_pairs(r, self.pad, layout=layout, response_head=head),
+                                          self.setup.device)
                      for r in train_lib.split_global_batch(rows, rank=0, world_size=1,
                                                             micro_batch_size=self.cfg.train.micro_batch_size)]
             metrics = step_lib.train_step(self.policy, self.reference, self.optimizer, self.scheduler, micro,

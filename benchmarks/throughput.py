@@ -1,6 +1,7 @@
-"""Training throughput, ours vs TRL's DPOTrainer, side by side in one process (issue 6).
+"""Training throughput, ours vs TRL's DPOTrainer, side by side in one process (issues 6 and 11).
 
     python -m benchmarks.throughput --preset tiny --device cpu            # CPU smoke, ~1 min
+    python -m benchmarks.throughput --preset small --device cpu --json    # issue 11's CPU run, <= 5 min
     python -m benchmarks.throughput --preset qwen0.5b --json              # one H100: the target run
     python -m benchmarks.throughput --preset llama1b --json --output $OUT/llama1b.json
     python -m benchmarks.throughput --preset qwen0.5b --phases "trl,ours:dpo;ours:dpo,ours:dpo:precomputed"
@@ -11,14 +12,19 @@ global batch per optimizer step and the same precision (bf16 autocast over fp32 
 TRL's default; fp32 on CPU).  A run is a list of phases; a phase builds its contenders, then
 alternates them step by step after `--warmup` untimed steps, then frees them.  Default phases:
 TRL default vs our DPO, TRL without gradient checkpointing vs our DPO, then our DPO against each
-of kldpo, dora, radpo1 and wdpo.  Each phase's first contender is its baseline ("vs base").
+of kldpo, dora, radpo1 and wdpo; for `small`, SMALL_PHASES (our levers beside TRL default, the
+objectives beside TRL without gradient checkpointing).  Each phase's first contender is its
+baseline ("vs base").  Our contenders: `ours:<objective>` is the train stage's step (packed rows,
+the prompt shared, response-only head); `:plain`, `:head`, `:packed` add the levers one at a time.
 
 Reported per contender: useful tokens/s (non-pad tokens of all 2B rows, prompt counted in both rows,
-as TRL's num_tokens and our metrics count them) over the timed steps, the median of the per-step
-rates (robust to a stalled step on a shared machine), median step time, MFU = model FLOPs / time / the
-bf16 matmul peak measured here (FlopModel in bench_setup.py; n/a on CPU), and peak memory (GPU: own
-peak, see bench_setup.Meter; CPU: the process's peak RSS, shared by every contender).
-`--json` prints one JSON object as the last line (ours_tokens_per_s, trl_tokens_per_s, ...).
+as TRL's num_tokens and our metrics count them, so sharing the prompt is credited as the saving it
+is) over the timed steps, the median of the per-step rates (robust to a stalled step on a shared
+machine; the headline ratios use it), median step time, MFU = model FLOPs / time / the bf16 matmul
+peak measured here (FlopModel in bench_setup.py; n/a on CPU), and each contender's own peak memory
+(bench_setup.Meter: CUDA's allocator counters on GPU, sampled RSS on CPU).
+`--json` prints one JSON object as the last line (ours_tokens_per_s, trl_tokens_per_s,
+trl_no_gc_tokens_per_s, ours_plain_tokens_per_s, levers, objectives, peak_memory_gib, targets, ...).
 """
 
 from __future__ import annotations
@@ -44,12 +50,22 @@ from benchmarks import bench_contenders as bc  # noqa: E402
 from benchmarks import bench_setup as bs  # noqa: E402
 
 OBJECTIVES = ("kldpo", "dora", "radpo1", "wdpo")  # issue 6's robust objectives, each against our DPO
+LEVERS = ("plain", "head", "packed")  # our DPO with the step's levers added one at a time (issue 11)
 DEFAULT_PHASES = ";".join(["trl,ours:dpo", "trl_no_gc,ours:dpo"] + [f"ours:dpo,ours:{o}" for o in OBJECTIVES])
+# The `small` preset (issue 11, CPU): TRL default against our DPO and its levers; then TRL without
+# gradient checkpointing against our DPO and the four objectives.  Two phases, 11 contenders.
+SMALL_PHASES = ";".join(["trl,ours:dpo," + ",".join(f"ours:dpo:{p}" for p in LEVERS),
+                         "trl_no_gc,ours:dpo," + ",".join(f"ours:{o}" for o in OBJECTIVES)])
 TRL_MISSING = "trl is not installed (pip install -e '.[bench]')"
-# Issue 6's targets on one H100, evaluated from the run (None where the run lacks the numbers).
+# Targets, evaluated from the run (None where the run lacks the numbers): issue 6's on one H100, and
+# issue 11's for the `small` preset on the CPU.  "peak_memory" targets are upper bounds.
 TARGETS = {
     "ours_vs_trl": 2.0, "ours_vs_trl_no_gc": 1.3, "mfu_llama1b": 0.45, "kldpo_vs_dpo": 0.95,
     "dora_vs_dpo": 0.95, "radpo1_vs_dpo": 0.7, "wdpo_vs_dpo": 0.4, "ours_peak_memory_vs_trl": 1.0,
+}
+TARGETS_BY_PRESET = {
+    "small": {"ours_vs_trl": 2.5, "ours_vs_trl_no_gc": 2.0, "kldpo_vs_dpo": 0.95, "dora_vs_dpo": 0.95,
+              "radpo1_vs_dpo": 0.7, "wdpo_vs_dpo": 0.4, "ours_peak_memory_vs_trl_no_gc": 1.0},
 }
 
 
@@ -155,9 +171,17 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 
 def headline(phases: list[list[dict]], preset: str) -> dict[str, Any]:
-    """The issue's numbers, each ratio taken within one phase (same process, alternating steps)."""
-    out: dict[str, Any] = {"ours_tokens_per_s": None, "trl_tokens_per_s": None, "trl_no_gc_tokens_per_s": None}
+    """The issues' numbers, each ratio taken within one phase (same process, alternating steps).
+
+    Rates are the median of the per-step rates (`tokens_per_s_median_step`: robust to a step
+    stalled by another process on a shared machine); each contender's total-time rate stays in
+    `phases`.
+    """
+    rate = "tokens_per_s_median_step"
+    out: dict[str, Any] = {"rate": rate, "ours_tokens_per_s": None, "trl_tokens_per_s": None,
+                           "trl_no_gc_tokens_per_s": None, "ours_plain_tokens_per_s": None}
     objectives: dict[str, dict] = {}
+    levers: dict[str, dict] = {}
     for phase in phases:
         by = {s["contender"]: s for s in phase}
         ours = by.get("ours:dpo")
@@ -165,38 +189,50 @@ def headline(phases: list[list[dict]], preset: str) -> dict[str, Any]:
             continue
         for key in ("trl", "trl_no_gc"):
             if key in by and out[f"{key}_tokens_per_s"] is None:
-                out[f"{key}_tokens_per_s"] = by[key].get("tokens_per_s")
-                out[f"ours_vs_{key}"] = ratio(ours.get("tokens_per_s"), by[key].get("tokens_per_s"))
+                out[f"{key}_tokens_per_s"] = by[key].get(rate)
+                out[f"ours_vs_{key}"] = ratio(ours.get(rate), by[key].get(rate))
+                out[f"ours_peak_memory_vs_{key}"] = ratio(ours.get("peak_memory_gib"), by[key].get("peak_memory_gib"))
         if "trl" in by and out["ours_tokens_per_s"] is None:
             trl = by["trl"]
             out.update(
-                ours_tokens_per_s=ours.get("tokens_per_s"), ours_mfu=ours.get("mfu"), trl_mfu=trl.get("mfu"),
+                ours_tokens_per_s=ours.get(rate), ours_mfu=ours.get("mfu"), trl_mfu=trl.get("mfu"),
                 ours_peak_memory_gib=ours.get("peak_memory_gib"), trl_peak_memory_gib=trl.get("peak_memory_gib"),
-                ours_peak_memory_vs_trl=ratio(ours.get("peak_memory_gib"), trl.get("peak_memory_gib")),
                 early_steps={"trl": trl["early"], "ours": ours["early"]},
             )
+        plain = by.get("ours:dpo:plain")
+        if plain is not None and not levers:  # the ladder plain -> head -> packed -> shared (= ours:dpo)
+            out["ours_plain_tokens_per_s"] = plain.get(rate)
+            for lever in LEVERS[1:] + ("fast",):
+                summary = by.get("ours:dpo" if lever == "fast" else f"ours:dpo:{lever}")
+                if summary is not None:
+                    levers[lever] = {"tokens_per_s": summary.get(rate), "vs_plain": ratio(summary.get(rate), plain.get(rate)),
+                                     "peak_memory_gib": summary.get("peak_memory_gib")}
         for label, summary in by.items():
             name = label[len("ours:"):] if label.startswith("ours:") else ""
             if name and ":" not in name and name != "dpo" and name not in objectives:
-                objectives[name] = {k: summary.get(k) for k in ("tokens_per_s", "mfu", "peak_memory_gib", "error")}
-                objectives[name]["vs_dpo"] = ratio(summary.get("tokens_per_s"), ours.get("tokens_per_s"))
+                objectives[name] = {k: summary.get(k) for k in ("mfu", "peak_memory_gib", "error")}
+                objectives[name].update(tokens_per_s=summary.get(rate), vs_dpo=ratio(summary.get(rate), ours.get(rate)))
     if out["ours_tokens_per_s"] is None:  # no TRL phase: our DPO from the first phase that has it
         first = next((s for p in phases for s in p if s["contender"] == "ours:dpo"), {})
-        out.update(ours_tokens_per_s=first.get("tokens_per_s"), ours_mfu=first.get("mfu"))
+        out.update(ours_tokens_per_s=first.get(rate), ours_mfu=first.get("mfu"))
     out["objectives"] = objectives
+    out["levers"] = levers
+    out["peak_memory_gib"] = {s["contender"]: s.get("peak_memory_gib") for p in phases for s in p}
     measured = {
         "ours_vs_trl": out.get("ours_vs_trl"), "ours_vs_trl_no_gc": out.get("ours_vs_trl_no_gc"),
         "mfu_llama1b": out.get("ours_mfu") if preset == "llama1b" else None,
         **{f"{n}_vs_dpo": objectives.get(n, {}).get("vs_dpo") for n in OBJECTIVES},
         "ours_peak_memory_vs_trl": out.get("ours_peak_memory_vs_trl"),
+        "ours_peak_memory_vs_trl_no_gc": out.get("ours_peak_memory_vs_trl_no_gc"),
     }
 
-    def met(key: str, value: Optional[float]) -> Optional[bool]:
+    def met(key: str, target: float, value: Optional[float]) -> Optional[bool]:
         if value is None:
             return None
-        return value <= TARGETS[key] if key == "ours_peak_memory_vs_trl" else value >= TARGETS[key]
+        return value <= target if "peak_memory" in key else value >= target
 
-    out["targets"] = {k: {"target": t, "measured": measured[k], "met": met(k, measured[k])} for k, t in TARGETS.items()}
+    targets = TARGETS_BY_PRESET.get(preset, TARGETS)
+    out["targets"] = {k: {"target": t, "measured": measured[k], "met": met(k, t, measured[k])} for k, t in targets.items()}
     return out
 
 
@@ -236,8 +272,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(bs.PRESETS), default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--phases", default=DEFAULT_PHASES,
-                        help="';'-separated phases of ','-separated contenders (default: %(default)s)")
+    parser.add_argument("--phases", default=None,
+                        help="';'-separated phases of ','-separated contenders (default: SMALL_PHASES for "
+                             f"--preset small, else {DEFAULT_PHASES})")
     parser.add_argument("--steps", type=int, default=0, help="timed optimizer steps per contender (0 = preset's)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: preset's)")
     parser.add_argument("--batch-size", type=int, default=0, help="global pairs per step (0 = preset's)")
@@ -250,6 +287,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--output", default=None, help="also write the JSON object to this file")
     args = parser.parse_args(argv)
+    if args.phases is None:
+        args.phases = SMALL_PHASES if args.preset == "small" else DEFAULT_PHASES
     try:
         args.phase_specs = parse_phases(args.phases)
     except ValueError as exc:
@@ -295,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results.append([summarize(c, setup, peak_tflops) for c in contenders])
         print(f"[bench] phase {i}/{len(phases)} ({', '.join(s.label for s in specs)}) in "
               f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-    memory_kind = "GPU own peak" if device.type == "cuda" else "CPU: process peak RSS, shared"
+    memory_kind = "GPU own peak" if device.type == "cuda" else "CPU own peak, from sampled RSS"
     print(format_table(results, memory_kind))
     report = {
         "preset": setup.preset.name, "device": str(device), "precision": setup.precision,

@@ -31,105 +31,10 @@ from pipelines import schema
 from pipelines.errors import UserError
 from robust_objectives import ListwiseLogps, PreferenceLogps
 from robust_objectives import logps as logps_lib
+from pipelines.collate import collate_lists, collate_pairs
 
 IGNORE_INDEX = logps_lib.IGNORE_INDEX
 ADAPTER_CONFIG = "adapter_config.json"  # marks a PEFT adapter dir
-
-
-# [1] Collation: rows of token ids -> one padded batch ------------------------------------------
-
-
-def _as_ids(value: Any) -> list[int]:
-    return [int(t) for t in value]
-
-
-def pad_rows(sequences: Sequence[tuple[list[int], int]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad `(ids, prompt_length)` rows into input_ids / attention_mask / labels of shape (N, L)."""
-    length = max(len(ids) for ids, _ in sequences)
-    n = len(sequences)
-    input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, length), dtype=torch.long)
-    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
-    for row, (ids, prompt_length) in enumerate(sequences):
-        tokens = torch.tensor(ids, dtype=torch.long)
-        input_ids[row, : len(ids)] = tokens
-        attention_mask[row, : len(ids)] = 1
-        labels[row, prompt_length : len(ids)] = tokens[prompt_length:]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def _optional_float(rows: Mapping[str, Any], name: str) -> Optional[torch.Tensor]:
-    if name not in rows:
-        return None
-    return torch.as_tensor(np.stack([np.asarray(v, dtype=np.float64) for v in rows[name]]), dtype=torch.float32)
-
-
-def collate_pairs(rows: Mapping[str, Sequence[Any]], pad_token_id: int) -> dict[str, Any]:
-    """Concatenate B preference pairs into one 2B-row batch (chosen rows, then rejected rows).
-
-    Args:
-        rows: columns of the dataset contract (pipelines/schema.py): prompt_input_ids,
-            chosen_input_ids, rejected_input_ids (each a length-B sequence of id lists), and
-            optionally calibration / reference_chosen_logps / reference_rejected_logps (B,).
-        pad_token_id: id written at padding positions (masked out; any valid id works).
-
-    Returns:
-        dict with input_ids, attention_mask, labels (2B, L) (labels -100 on prompt and padding),
-        chosen_lengths / rejected_lengths (B,) response token counts, num_pairs B, and the optional
-        float columns as (B,) tensors.
-    """
-    prompts = [_as_ids(p) for p in rows["prompt_input_ids"]]
-    chosen = [_as_ids(c) for c in rows["chosen_input_ids"]]
-    rejected = [_as_ids(r) for r in rows["rejected_input_ids"]]
-    sequences = [(p + c, len(p)) for p, c in zip(prompts, chosen)]
-    sequences += [(p + r, len(p)) for p, r in zip(prompts, rejected)]
-    batch: dict[str, Any] = pad_rows(sequences, pad_token_id)
-    batch["num_pairs"] = len(prompts)
-    batch["chosen_lengths"] = torch.tensor([len(c) for c in chosen], dtype=torch.long)
-    batch["rejected_lengths"] = torch.tensor([len(r) for r in rejected], dtype=torch.long)
-    for name in ("calibration", "reference_chosen_logps", "reference_rejected_logps"):
-        value = _optional_float(rows, name)
-        if value is not None:
-            batch[name] = value
-    return batch
-
-
-def collate_lists(rows: Mapping[str, Sequence[Any]], pad_token_id: int) -> dict[str, Any]:
-    """Flatten B prompts x K scored responses into B*K rows (row b*K + k).
-
-    Args:
-        rows: prompt_input_ids (B lists), responses_input_ids (B lists of K id lists), scores
-            (B lists of K), optionally calibration and reference_logps (B lists of K).
-        pad_token_id: id written at padding positions.
-
-    Returns:
-        dict with input_ids, attention_mask, labels (B*K, L), scores (B, K), num_pairs B,
-        list_size K, and calibration / reference_logps (B, K) when present.
-
-    Raises:
-        ValueError: lists of different sizes in one batch (the (B, K) objectives need one K).
-    """
-    prompts = [_as_ids(p) for p in rows["prompt_input_ids"]]
-    responses = [[_as_ids(r) for r in group] for group in rows["responses_input_ids"]]
-    sizes = {len(group) for group in responses}
-    if len(sizes) != 1:
-        raise ValueError(f"listwise batch mixes list sizes {sorted(sizes)}; every row needs the same K")
-    sequences = [(p + r, len(p)) for p, group in zip(prompts, responses) for r in group]
-    batch: dict[str, Any] = pad_rows(sequences, pad_token_id)
-    batch["num_pairs"] = len(prompts)
-    batch["list_size"] = sizes.pop()
-    batch["scores"] = _optional_float(rows, "scores")
-    for name in ("calibration", "reference_logps"):
-        value = _optional_float(rows, name)
-        if value is not None:
-            batch[name] = value
-    return batch
-
-
-def count_tokens(batch: Mapping[str, Any]) -> tuple[int, int]:
-    """(non-padding tokens, padded positions) of a collated batch."""
-    mask = batch["attention_mask"]
-    return int(mask.sum()), int(mask.numel())
 
 
 # [2] Models ------------------------------------------------------------------------------------
@@ -206,6 +111,16 @@ def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules: Seq
         return get_peft_model(model, config)
 
 
+def enable_activation_checkpointing(model) -> None:
+    """HF's layer-wise activation (gradient) checkpointing, non-reentrant (works with frozen inputs,
+    LoRA and the packed layouts' 4D mask); transformers < 5 names it gradient_checkpointing_enable."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def is_peft_model(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
@@ -249,6 +164,61 @@ def autocast_context(device_type: str, precision: str):
     return contextlib.nullcontext()
 
 
+HEAD_CHUNK_ELEMENTS = 2**26  # logits per response-head chunk (256 MiB fp32); more positions are checkpointed chunk by chunk
+PACKED_ATTENTION = ("sdpa", "eager")  # kernels that take the packed layouts' 4D mask
+
+
+def packed_attention_mask(batch: Mapping[str, Any], attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """The (1, 1, S, S) mask of a packed / shared batch (pipelines/collate.py): query i sees key j
+    iff both are in one segment, j <= i, and j is on the prompt (branch 0) or on i's own branch.
+
+    sdpa takes it as bool (True = attend); eager adds it to the scores (0 or the dtype's minimum).
+    """
+    if attn_implementation not in PACKED_ATTENTION:
+        raise ValueError(f"packed layouts need attention {' or '.join(PACKED_ATTENTION)} (a 4D mask), "
+                         f"not {attn_implementation!r}; use the padded layout (train.packing=false)")
+    segment, branch = batch["segment_ids"], batch["branch_ids"]
+    index = torch.arange(segment.shape[0], device=segment.device)
+    allowed = ((segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])
+               & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None])))[None, None]
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def head_is_plain(model) -> bool:
+    """Whether logits are exactly `get_output_embeddings()(get_decoder()(...).last_hidden_state)`.
+
+    Decided once per model by a 4-token probe in eval mode (no softcapping, logit scaling or other
+    post-processing after the head).  FSDP-sharded models answer False without a probe: their root
+    parameters are gathered only by the root module's forward.  When False the response-only head
+    goes through the model's own forward with `logits_to_keep` (exact for every model, unchunked).
+    """
+    cached = model.__dict__.get("_plain_head")
+    if cached is None:
+        cached = False
+        if not _is_fsdp(model):
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    ids = torch.arange(1, 5, device=model.device)[None] % model.get_input_embeddings().num_embeddings
+                    full = model(input_ids=ids, use_cache=False).logits
+                    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+                    mine = model.get_output_embeddings()(hidden)
+                cached = mine.shape == full.shape and bool(torch.allclose(mine, full, rtol=1e-5, atol=1e-6))
+            finally:
+                model.train(was_training)
+        model.__dict__["_plain_head"] = cached
+    return cached
+
+
 def compute_row_logps(
     model,
     batch: Mapping[str, Any],
@@ -259,30 +229,83 @@ def compute_row_logps(
 ) -> RowLogps:
     """One forward of all rows of `batch`; log-probs via robust_objectives.logps in fp32.
 
+    Batches with the response-only head's addresses (pipelines/collate.py: every packed batch, and
+    padded ones collated with response_head=True) project only the hidden states that predict a
+    response token, never the prompt's or the padding's; the others compute the full (N, L, V)
+    logits (the plain path).  Both give the same log-probs.
+
     Args:
         model: a causal LM (possibly peft-wrapped), already on the batch's device.
         batch: collate_pairs / collate_lists output moved to the model's device.
         vocab: also return per-position vocabulary log-probs over the response span.
-        embeddings: feed `inputs_embeds = model.get_input_embeddings()(input_ids)` and return it;
-            if the embedding layer is frozen (LoRA) the tensor is made a leaf requiring grad, so
-            d loss / d embeddings still exists (WDPO).
+        embeddings: feed `inputs_embeds = model.get_input_embeddings()(input_ids)` and return it
+            as (N, L, d) rows (a packed batch's rows are gathered into its one packed row, so d loss /
+            d rows is per row); if the embedding layer is frozen (LoRA) the tensor is made a leaf
+            requiring grad, so d loss / d embeddings still exists (WDPO).
         precision: "fp32" or "bf16" (autocast).
 
     Returns:
         RowLogps of the N = 2B (or B*K) rows.
     """
-    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+    input_ids = batch["input_ids"]
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if batch.get("layout", "padded") == "padded":
+        kwargs["attention_mask"] = batch["attention_mask"]
+    else:
+        kwargs["attention_mask"] = packed_attention_mask(batch, model.config._attn_implementation, model.dtype)
+        kwargs["position_ids"] = batch["position_ids"]
     embeds = None
+    index, targets = batch.get("score_index"), batch.get("score_targets")
+    plain_head = index is not None and head_is_plain(model)
     with autocast_context(input_ids.device.type, precision):
         if embeddings:
             embeds = model.get_input_embeddings()(input_ids)
+            if "token_rows" in batch:  # packed: the objective gets (N, L, d) rows, the model their packing
+                rows_at, cols_at = batch["token_rows"], batch["token_cols"]
+                shape = (batch["num_rows"], int(cols_at.max()) + 1, embeds.shape[-1])
+                embeds = embeds.new_zeros(shape).index_put((rows_at, cols_at), embeds[0])
             if not embeds.requires_grad:
                 embeds = embeds.detach().requires_grad_(True)
-            kwargs["inputs_embeds"] = embeds
+            kwargs["inputs_embeds"] = embeds[rows_at, cols_at][None] if "token_rows" in batch else embeds
         else:
             kwargs["input_ids"] = input_ids
-        logits = model(**kwargs).logits  # (N, L, V)
+        if index is None:
+            logits = model(**kwargs).logits  # (N, L, V)
+        elif plain_head:
+            hidden = model.get_decoder()(**kwargs).last_hidden_state
+            scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (M, d)
+            head = model.get_output_embeddings()
+            if vocab:
+                logits = head(scored)
+            else:
+                chunk = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
+                token_logps = logps_lib.projected_label_logps(scored, head, targets, chunk)
+        else:  # the model's own head at the scored positions (packed: the index; padded: a row mask)
+            if batch.get("layout", "padded") == "padded":
+                keep = torch.zeros(input_ids.numel(), dtype=torch.bool, device=index.device)
+                keep = keep.index_fill(0, index, True).view(input_ids.shape)
+            else:
+                keep = index
+            logits = model(**kwargs, logits_to_keep=keep).logits.reshape(index.shape[0], -1)
+            if not vocab:
+                token_logps = logps_lib.label_logps(logits, targets)
+    if index is None:
+        return _full_logits_row_logps(logits, batch["labels"], vocab, embeds)
+    rows, n = batch["score_rows"], batch["num_rows"]
+    vocab_logps = mask = None
+    if vocab:
+        scored_vocab = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        token_logps = scored_vocab.gather(-1, targets[:, None]).squeeze(-1)
+        cols = batch["score_cols"]
+        span = int(cols.max()) + 1 if cols.numel() else 1
+        vocab_logps = scored_vocab.new_zeros(n, span, scored_vocab.shape[-1]).index_put((rows, cols), scored_vocab)
+        mask = torch.zeros(n, span, dtype=torch.bool, device=rows.device).index_put((rows, cols), torch.tensor(True, device=rows.device))
+    logps = token_logps.new_zeros(n).index_add(0, rows, token_logps)
+    return RowLogps(logps=logps, lengths=batch["lengths"], vocab_logps=vocab_logps, mask=mask, embeddings=embeds)
+
+
+def _full_logits_row_logps(logits: torch.Tensor, labels: torch.Tensor, vocab: bool, embeds) -> RowLogps:
+    """The plain path: (N, L, V) logits of every position -> summed response log-probs."""
     if not vocab:
         logps, lengths = logps_lib.compute_sequence_logps(logits, labels)
         return RowLogps(logps=logps, lengths=lengths, embeddings=embeds)
@@ -379,7 +402,8 @@ class PairLogps:
     gives the schema's reference columns; evaluate holds the reference and several checkpoints in one
     actor, so its pairs stream through one pool instead of one per model (an actor start costs
     seconds).  Each `batch_size` pairs (or lists) are collated once (collate_pairs / collate_lists)
-    and take one concatenated forward per model (compute_row_logps, fp32 log-probs under `precision`).
+    and take one packed forward per model, the prompt once (compute_row_logps, fp32 log-probs under
+    `precision`).
     """
 
     def __init__(self, *, models: Sequence[tuple[str, str]], listwise: bool = False, batch_size: int = 16,
@@ -400,6 +424,9 @@ class PairLogps:
             model = load_causal_lm(path, attn_implementation=attn_implementation, device=self.device).eval()
             self.models.append((prefix, model.requires_grad_(False)))
         self.pad = pad_token_id_of(self.models[0][1])
+        # Each prompt once, response positions only (pipelines/collate.py); the kernels that take no
+        # 4D mask get padded rows, still with the response-only head.
+        self.layout = "shared" if attn_implementation in PACKED_ATTENTION else "padded"
         self.listwise, self.batch_size, self.precision = listwise, batch_size, precision
         self.keep = None if keep is None else list(keep)
 
@@ -412,7 +439,7 @@ class PairLogps:
         for start in range(0, table.num_rows, self.batch_size):
             chunk = {c: v[start: start + self.batch_size] for c, v in rows.items()}
             collate = collate_lists if self.listwise else collate_pairs
-            batch = move_batch(collate(chunk, self.pad), self.device)
+            batch = move_batch(collate(chunk, self.pad, layout=self.layout, response_head=True), self.device)
             for prefix, model in self.models:
                 with torch.no_grad():
                     logps = compute_row_logps(model, batch, precision=self.precision).logps.double().cpu()

@@ -8,7 +8,7 @@ shifts once, so outputs have T - 1 positions. Log-softmax runs in fp32 whatever 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ def shift_labels(labels: Tensor, *, ignore_index: int = IGNORE_INDEX) -> tuple[T
     return targets.masked_fill(~mask, 0), mask
 
 
-def _label_logps(logits: Tensor, targets: Tensor) -> Tensor:
+def label_logps(logits: Tensor, targets: Tensor) -> Tensor:
     """log softmax(logits)[target] in fp32 (or fp64) as logit[target] - logsumexp(logits)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -56,7 +56,7 @@ def compute_token_logps(
         mask: (N, T - 1) bool, True at scored positions.
     """
     targets, mask = shift_labels(labels, ignore_index=ignore_index)
-    token_logps = _label_logps(logits[:, :-1], targets)
+    token_logps = label_logps(logits[:, :-1], targets)
     return token_logps.masked_fill(~mask, 0.0), mask
 
 
@@ -101,8 +101,40 @@ def compute_vocab_logps(
     return vocab_logps, token_logps.masked_fill(~mask, 0.0), mask
 
 
-def _chunk_label_logps(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
-    return _label_logps(F.linear(hidden, weight, bias), targets)
+def projected_label_logps(
+    hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, chunk_size: int
+) -> Tensor:
+    """log softmax(head(hidden))[targets] at M gathered positions, chunk_size positions at a time.
+
+    With one chunk (M <= chunk_size) the (M, V) logits are computed once and kept for the backward.
+    With more, each chunk runs under torch.utils.checkpoint: the forward keeps no (chunk, V) logits
+    and the backward recomputes them one chunk at a time, so peak extra memory is one chunk's fp32
+    logits.  Values and gradients (double backward included, for WDPO) are those of the plain path.
+
+    Args:
+        hidden: (M, d) final hidden states at the scored positions (the LM head's input).
+        head: the output projection, (m, d) -> (m, V) logits (an nn.Linear, a LoRA-wrapped one, ...).
+        targets: (M,) token ids the positions predict.
+        chunk_size: positions per chunk, >= 1.
+
+    Returns:
+        (M,) label log-probs, fp32 or wider.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    out_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=out_dtype)
+
+    def piece(h: Tensor, t: Tensor) -> Tensor:
+        return label_logps(head(h), t)
+
+    if hidden.shape[0] <= chunk_size:
+        return piece(hidden, targets)
+    return torch.cat([
+        checkpoint(piece, hidden[start : start + chunk_size], targets[start : start + chunk_size], use_reentrant=False)
+        for start in range(0, hidden.shape[0], chunk_size)
+    ])
 
 
 def chunked_token_logps(
@@ -116,10 +148,7 @@ def chunked_token_logps(
 ) -> tuple[Tensor, Tensor]:
     """compute_token_logps(hidden_states @ W^T + b, labels) without materialising the logits.
 
-    Only scored positions are projected, chunk_size of them at a time, each chunk under
-    torch.utils.checkpoint: the forward keeps no (chunk, V) logits and the backward recomputes
-    them one chunk at a time. Peak extra memory is one chunk's fp32 logits instead of (N, T, V);
-    values and gradients (double backward included, for WDPO) are those of the plain path.
+    Only scored positions are projected, through projected_label_logps (chunked, checkpointed).
 
     Args:
         hidden_states: (N, T, d) final hidden states (the LM head's input).
@@ -136,20 +165,7 @@ def chunked_token_logps(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     targets, mask = shift_labels(labels, ignore_index=ignore_index)
-    hidden = hidden_states[:, :-1][mask]  # (M, d) scored positions only
-    scored_targets = targets[mask]
-    pieces = [
-        checkpoint(
-            _chunk_label_logps,
-            hidden[start : start + chunk_size],
-            lm_head_weight,
-            bias,
-            scored_targets[start : start + chunk_size],
-            use_reentrant=False,
-        )
-        for start in range(0, hidden.shape[0], chunk_size)
-    ]
-    out_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
-    scored = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=out_dtype)
+    scored = projected_label_logps(hidden_states[:, :-1][mask], lambda h: F.linear(h, lm_head_weight, bias),
+                                   targets[mask], chunk_size)
     token_logps = torch.zeros(mask.shape, dtype=scored.dtype, device=scored.device)
     return token_logps.masked_scatter(mask, scored), mask

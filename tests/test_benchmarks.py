@@ -140,8 +140,15 @@ def test_contender_specs_and_phase_errors():
     from benchmarks import bench_contenders as bc
     from benchmarks.throughput import parse_phases
 
-    for text in ("trl", "trl_no_gc", "trl_precomputed", "ours:dpo", "ours:wdpo:precomputed"):
+    for text in ("trl", "trl_no_gc", "trl_precomputed", "ours:dpo", "ours:wdpo:precomputed", "ours:dpo:plain",
+                 "ours:dpo:precomputed:packed", "ours:wdpo:head"):
         assert bc.parse_contender(text).label == text
+    assert bc.parse_contender("ours:dpo:packed").path == "packed"
+    assert bc.parse_contender("ours:dpo").path == "fast"
+    for bad in ("ours:dpo:plain:head", "ours:dpo:fast", "ours:dpo:precomputed:precomputed", "ours:dpo:quick"):
+        with pytest.raises(ValueError, match="unknown contender"):
+            bc.parse_contender(bad)
+    assert bc.parse_contender("ours:wdpo:packed").path == "packed"
     with pytest.raises(ValueError, match="token-level"):
         bc.parse_contender("ours:radpo1:precomputed")  # the train stage's own rule
     with pytest.raises(ValueError, match="pairwise"):
@@ -153,9 +160,9 @@ def test_contender_specs_and_phase_errors():
 def test_headline_takes_ratios_within_a_phase_and_judges_the_targets():
     from benchmarks.throughput import headline
 
-    def s(label, tps, mem=1.0):
-        return {"contender": label, "tokens_per_s": tps, "mfu": None, "peak_memory_gib": mem, "error": None,
-                "early": {}}
+    def s(label, tps, mem=1.0):  # the headline reads the median-of-steps rate
+        return {"contender": label, "tokens_per_s_median_step": tps, "tokens_per_s": -1.0, "mfu": None,
+                "peak_memory_gib": mem, "error": None, "early": {}}
 
     phases = [[s("trl", 100.0, 10.0), s("ours:dpo", 250.0, 12.0)],
               [s("trl_no_gc", 200.0), s("ours:dpo", 240.0)],
@@ -173,6 +180,30 @@ def test_headline_takes_ratios_within_a_phase_and_judges_the_targets():
     assert memory["measured"] == pytest.approx(1.2) and memory["met"] is False  # 12 GiB vs TRL's 10
     assert t["mfu_llama1b"]["measured"] is None and t["dora_vs_dpo"]["met"] is None
     assert np.isfinite(h["ours_vs_trl"])
+
+
+def test_headline_of_the_small_preset_reads_the_levers_and_issue_11_targets():
+    from benchmarks.throughput import headline
+
+    def s(label, tps, mem=1.0):
+        return {"contender": label, "tokens_per_s_median_step": tps, "mfu": None, "peak_memory_gib": mem,
+                "error": None, "early": {}}
+
+    phases = [[s("trl", 100.0, 3.0), s("ours:dpo", 260.0), s("ours:dpo:plain", 100.0), s("ours:dpo:head", 130.0),
+               s("ours:dpo:packed", 200.0)],
+              [s("trl_no_gc", 125.0, 2.0), s("ours:dpo", 250.0, 1.5), s("ours:kldpo", 240.0),
+               s("ours:radpo1", 170.0), s("ours:wdpo", 90.0), s("ours:dora", 249.0)]]
+    h = headline(phases, "small")
+    assert h["ours_plain_tokens_per_s"] == 100.0 and h["ours_tokens_per_s"] == 260.0
+    assert {k: v["vs_plain"] for k, v in h["levers"].items()} == {"head": 1.3, "packed": 2.0, "fast": 2.6}
+    t = h["targets"]
+    assert set(t) == {"ours_vs_trl", "ours_vs_trl_no_gc", "kldpo_vs_dpo", "dora_vs_dpo", "radpo1_vs_dpo",
+                      "wdpo_vs_dpo", "ours_peak_memory_vs_trl_no_gc"}
+    assert t["ours_vs_trl"] == {"target": 2.5, "measured": 2.6, "met": True}
+    assert t["ours_vs_trl_no_gc"] == {"target": 2.0, "measured": 2.0, "met": True}  # 250 / 125, same phase
+    assert t["ours_peak_memory_vs_trl_no_gc"]["measured"] == 0.75 and t["ours_peak_memory_vs_trl_no_gc"]["met"]
+    assert t["wdpo_vs_dpo"]["measured"] == pytest.approx(0.36) and t["wdpo_vs_dpo"]["met"] is False
+    assert h["peak_memory_gib"]["trl_no_gc"] == 2.0
 
 
 @pytest.mark.gpu

@@ -27,6 +27,7 @@ from pipelines.tracking import MlflowConfig, TrackingConfig, WandbConfig, check_
 # Keys a rerun with the same --output may change without invalidating the checkpoints there:
 # they change how long or where the run goes, not what a step computes.
 RESUMABLE_CHANGES = (
+    "train.gradient_checkpointing",
     "train.max_steps",
     "train.epochs",
     "train.max_failures",
@@ -97,6 +98,8 @@ class TrainLoopConfig:
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # after warmup; linear/cosine decay to 0 at the last step
     weight_decay: float = 0.0  # AdamW decoupled weight decay; 0 .. 0.1
     max_grad_norm: float = 1.0  # global gradient-norm clip; 0 = no clipping (the norm is still logged)
+    packing: bool = True  # rows packed without padding, each pair's prompt once, log-probs from response positions only (pipelines/collate.py); false = the plain padded full-logits path (same log-probs)
+    gradient_checkpointing: bool = False  # recompute the policy's layer activations in the backward (HF's, non-reentrant): less memory, about one more forward of time
     global_accumulation: bool = True  # batch-coupled objectives take statistics over the whole optimizer step (all micro-steps), at one extra no-grad forward per micro-step
 
     def __post_init__(self):
@@ -254,6 +257,16 @@ def check_train_config(cfg: TrainConfig) -> None:
             f"objective {name!r} differentiates twice through attention; model.attn_implementation="
             f"{cfg.model.attn_implementation!r} has no double backward, use 'eager' (or 'auto')"
         )
+    if t.packing and not spec.needs_embeddings and cfg.model.attn_implementation not in ("auto", "sdpa", "eager"):
+        raise UserError(
+            f"train.packing=true needs model.attn_implementation sdpa or eager (packed rows take a 4D "
+            f"block mask); {cfg.model.attn_implementation!r} does not, set train.packing=false"
+        )
+    if spec.needs_embeddings and t.gradient_checkpointing:
+        raise UserError(
+            f"objective {name!r} differentiates twice through the model, which gradient checkpointing's "
+            "recomputation does not support; set train.gradient_checkpointing=false"
+        )
     if spec.needs_embeddings and t.strategy == "fsdp":
         raise UserError(
             f"objective {name!r} needs a double backward through the input embeddings, which FSDP's "
@@ -274,6 +287,23 @@ def attention_implementation(cfg: TrainConfig) -> str:
     if cfg.model.attn_implementation != "auto":
         return cfg.model.attn_implementation
     return "eager" if ro.get_spec(cfg.objective.name).needs_embeddings else "sdpa"
+
+
+def batch_layout(cfg: TrainConfig) -> tuple[str, bool]:
+    """(layout, response_head) of the train stage's micro-batches (pipelines/collate.py).
+
+    train.packing=false is the plain path: padded rows, full-vocabulary logits.  Otherwise the
+    prompt is shared across each pair's (or list's) responses, except for objectives that need the
+    input embeddings (wdpo): their penalty is defined on the two rows as separate inputs, so their
+    rows are packed unshared (each row its own copy of the prompt).
+    """
+    import robust_objectives as ro
+
+    if not cfg.train.packing:
+        return "padded", False
+    if ro.get_spec(cfg.objective.name).needs_embeddings:
+        return "packed", True
+    return "shared", True
 
 
 # [3] Checks against the data and the model (driver side, before workers start) -----------------

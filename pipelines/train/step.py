@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 import robust_objectives as ro
 from pipelines import model as model_lib
+from pipelines.collate import count_tokens
 
 REWARD_KEYS = (
     "rewards/chosen",
@@ -173,24 +174,29 @@ class MetricSums:
         self.weight = 0.0
         self.tokens = 0.0
         self.positions = 0.0
+        self.padding = 0.0
 
-    def add(self, metrics: Mapping[str, float], pairs: int, tokens: int = 0, positions: int = 0) -> None:
+    def add(self, metrics: Mapping[str, float], pairs: int, tokens: int = 0, positions: int = 0,
+            padding: int = 0) -> None:
+        """tokens: useful tokens (an unshared forward's count); positions computed; padding among them."""
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + value * pairs
         self.weight += pairs
         self.tokens += tokens
         self.positions += positions
+        self.padding += padding
 
     def reduce(self, world_size: int, device, keys: Sequence[str] | None = None) -> dict[str, float]:
         """Global means (every worker must call this with the same `keys`, in the same order)."""
         keys = list(keys if keys is not None else sorted(self.sums))
-        values = [self.sums.get(k, 0.0) for k in keys] + [self.weight, self.tokens, self.positions]
+        values = [self.sums.get(k, 0.0) for k in keys] + [self.weight, self.tokens, self.positions, self.padding]
         total = all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device), world_size).tolist()
-        weight, tokens, positions = total[-3:]
-        out = {k: v / weight if weight else math.nan for k, v in zip(keys, total[:-3])}
+        weight, tokens, positions, padding = total[-4:]
+        out = {k: v / weight if weight else math.nan for k, v in zip(keys, total[:-4])}
         out["pairs"] = weight
         out["tokens"] = tokens
-        out["padding_fraction"] = 1.0 - tokens / positions if positions else math.nan
+        out["positions"] = positions
+        out["padding_fraction"] = padding / positions if positions else math.nan
         return out
 
 
@@ -281,8 +287,7 @@ def train_step(policy, reference, optimizer, scheduler, micro_batches: Sequence[
         reference_logps = references[m] if references else compute_reference(policy, reference, batch, ctx)
         out, inputs = compute_objective(policy, batch, reference_logps, ctx, gather)
         (out.loss / accumulation).backward()
-        tokens, positions = model_lib.count_tokens(batch)
-        sums.add(summarize_micro_batch(out, inputs, ctx), pairs, tokens, positions)
+        sums.add(summarize_micro_batch(out, inputs, ctx), pairs, *count_tokens(batch))
     if ctx.sync_gradients:
         all_reduce_gradients(trainable, ctx.world_size)
     max_norm = ctx.max_grad_norm if ctx.max_grad_norm > 0 else math.inf

@@ -12,13 +12,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from pipelines import collate as collate_lib
 from pipelines import model as model_lib
 from pipelines.evaluate.generation import exact_token_kl
 
 
 def _batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int, device):
     rows = [(list(p) + list(r), len(p)) for p, r in zip(prompts, responses)]
-    return model_lib.move_batch(model_lib.pad_rows(rows, pad_token_id), device)
+    return model_lib.move_batch(collate_lib.pad_rows(rows, pad_token_id), device)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines import collate as collate_lib
 from pipelines import model as model_lib
 from pipelines.evaluate.generation import exact_token_kl, left_pad, sample_uniforms, sample_with_kl
 from pipelines.world.toy_models import build_tiny_causal_lm
@@ -101,7 +102,7 @@ def test_exact_token_kl_closed_form():
 
 
 def test_collate_labels_only_the_response():
-    batch = model_lib.pad_rows([([5, 6, 8, 3], 2), ([7, 9, 9, 3], 1)], pad_token_id=0)
+    batch = collate_lib.pad_rows([([5, 6, 8, 3], 2), ([7, 9, 9, 3], 1)], pad_token_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 8, 3], [7, 9, 9, 3]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[-100, -100, 8, 3], [-100, 9, 9, 3]]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipelines import collate as collate_lib
 from pipelines import model as model_lib
 
 PAD = 0
@@ -24,26 +25,26 @@ def _rows():
 
 
 def test_collate_pairs_concatenates_chosen_then_rejected_with_masked_labels():
-    batch = model_lib.collate_pairs(_rows(), PAD)
+    batch = collate_lib.collate_pairs(_rows(), PAD)
     x = -100
     assert batch["input_ids"].tolist() == [[5, 6, 7, 3, 0], [10, 11, 3, 0, 0], [5, 6, 8, 9, 3], [10, 3, 0, 0, 0]]
     assert batch["labels"].tolist() == [[x, x, 7, 3, x], [x, 11, 3, x, x], [x, x, 8, 9, 3], [x, 3, x, x, x]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert batch["chosen_lengths"].tolist() == [2, 2] and batch["rejected_lengths"].tolist() == [3, 1]
     assert batch["num_pairs"] == 2 and batch["calibration"].tolist() == [1.5, 0.5]
-    assert model_lib.count_tokens(batch) == (4 + 3 + 5 + 2, 20)
+    assert collate_lib.count_tokens(batch) == (4 + 3 + 5 + 2, 20, 6)
 
 
 def test_collate_lists_flattens_row_major_and_rejects_mixed_sizes():
     rows = {"prompt_input_ids": [[5], [6, 7]], "responses_input_ids": [[[8, 3], [9, 3]], [[3], [10, 11, 3]]],
             "scores": [[1.0, 0.0], [0.0, 2.0]]}
-    batch = model_lib.collate_lists(rows, PAD)
+    batch = collate_lib.collate_lists(rows, PAD)
     assert batch["input_ids"].tolist() == [[5, 8, 3, 0, 0], [5, 9, 3, 0, 0], [6, 7, 3, 0, 0], [6, 7, 10, 11, 3]]
     assert (batch["num_pairs"], batch["list_size"]) == (2, 2)
     assert batch["scores"].tolist() == [[1.0, 0.0], [0.0, 2.0]]
     rows["responses_input_ids"][1] = [[3]]
     with pytest.raises(ValueError, match="same K"):
-        model_lib.collate_lists(rows, PAD)
+        collate_lib.collate_lists(rows, PAD)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def _naive_logps(model, prompt, response):
 
 def test_row_logps_equal_unpadded_single_sequence_sums(tiny_model):
     rows = _rows()
-    batch = model_lib.collate_pairs(rows, PAD)
+    batch = collate_lib.collate_pairs(rows, PAD)
     with torch.no_grad():
         out = model_lib.compute_row_logps(tiny_model, batch)
     expected = [_naive_logps(tiny_model, p, c) for p, c in zip(rows["prompt_input_ids"], rows["chosen_input_ids"])]
@@ -72,7 +73,7 @@ def test_row_logps_equal_unpadded_single_sequence_sums(tiny_model):
 
 
 def test_vocab_path_gives_same_logps_and_normalised_response_span(tiny_model):
-    batch = model_lib.collate_pairs(_rows(), PAD)
+    batch = collate_lib.collate_pairs(_rows(), PAD)
     with torch.no_grad():
         plain = model_lib.compute_row_logps(tiny_model, batch)
         full = model_lib.compute_row_logps(tiny_model, batch, vocab=True)
@@ -91,7 +92,7 @@ def test_embedding_path_matches_ids_and_supports_exact_double_backward(tiny_mode
     autograd directional derivative <grad P, v> equals a central finite difference.
     SDPA's fused CPU kernel has no double backward, which is why wdpo loads eager attention."""
     model = model_lib.load_causal_lm(str(tiny_model_dir), attn_implementation="eager").double().eval()
-    batch = model_lib.collate_pairs(_rows(), PAD)
+    batch = collate_lib.collate_pairs(_rows(), PAD)
     with torch.no_grad():
         by_ids = model_lib.compute_row_logps(model, batch).logps
 
@@ -144,7 +145,7 @@ def test_lora_reference_is_the_adapter_disabled_base(tiny_model_dir):
                                 dropout=0.0, target_modules=["q_proj", "v_proj"], seed=0).train()
     ctx = StepContext(objective=ro.get_objective("dpo"), hyperparameters={"beta": 0.5}, listwise=False,
                       needs_vocab=False, needs_embeddings=False, batch_coupled=False, live_reference=True)
-    batch = model_lib.collate_pairs(_rows(), PAD)
+    batch = collate_lib.collate_pairs(_rows(), PAD)
     # Move the adapters off zero first, so "policy == reference" is not what makes the losses agree.
     with torch.no_grad():
         for name, p in policy.named_parameters():
@@ -186,7 +187,7 @@ def test_load_causal_lm_merges_a_peft_adapter_dir_and_configs_fail_in_one_format
     policy.save_pretrained(tmp_path / "adapter")
     merged = model_lib.load_causal_lm(str(tmp_path / "adapter")).eval()
     assert not model_lib.is_peft_model(merged)
-    batch = model_lib.collate_pairs(_rows(), PAD)
+    batch = collate_lib.collate_pairs(_rows(), PAD)
     with torch.no_grad():
         live = model_lib.compute_row_logps(policy, batch).logps
         base = model_lib.compute_row_logps(model_lib.load_causal_lm(path).eval(), batch).logps
@@ -214,7 +215,7 @@ def test_pair_logps_actor_adds_float64_columns_per_model_with_one_forward_per_ch
                                 "ckpt0_chosen_logps", "ckpt0_rejected_logps"]
     assert out.schema.field("ref_chosen_logps").type == pa.float64()
     with torch.no_grad():
-        expected = model_lib.compute_row_logps(tiny_model, model_lib.collate_pairs(rows, PAD)).logps.double()
+        expected = model_lib.compute_row_logps(tiny_model, collate_lib.collate_pairs(rows, PAD)).logps.double()
     for prefix in ("ref", "ckpt0"):
         assert out.column(f"{prefix}_chosen_logps").to_pylist() == pytest.approx(expected[:2].tolist(), abs=1e-5)
         assert out.column(f"{prefix}_rejected_logps").to_pylist() == pytest.approx(expected[2:].tolist(), abs=1e-5)
@@ -226,5 +227,5 @@ def test_pair_logps_actor_adds_float64_columns_per_model_with_one_forward_per_ch
     out = listwise(pa.table(lists))
     assert out.column_names == ["_row", "reference_logps"]
     with torch.no_grad():
-        expected = model_lib.compute_row_logps(tiny_model, model_lib.collate_lists(lists, PAD)).logps.reshape(2, 2)
+        expected = model_lib.compute_row_logps(tiny_model, collate_lib.collate_lists(lists, PAD)).logps.reshape(2, 2)
     assert out.column("reference_logps").to_pylist() == [pytest.approx(r, abs=1e-5) for r in expected.tolist()]

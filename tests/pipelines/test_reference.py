@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipelines import collate as collate_lib
 from pipelines import model as model_lib
 from pipelines.reference import ReferenceCacheConfig, compute_reference_dataset, model_fingerprint
 
@@ -26,7 +27,7 @@ def _read(split_dir) -> pd.DataFrame:
 def _live_logps(model_dir, rows: dict) -> torch.Tensor:
     model = model_lib.load_causal_lm(str(model_dir), attn_implementation="sdpa").eval()
     with torch.no_grad():
-        return model_lib.compute_row_logps(model, model_lib.collate_pairs(rows, 0)).logps
+        return model_lib.compute_row_logps(model, collate_lib.collate_pairs(rows, 0)).logps
 
 
 def test_precompute_adds_live_reference_columns_in_order_and_is_reused(cached, tiny_model_dir, pairs_dataset, capsys):
@@ -67,7 +68,7 @@ def test_precomputed_reference_gives_the_live_loss(cached, tiny_model_dir):
                           needs_vocab=False, needs_embeddings=False, batch_coupled=False, live_reference=live)
         optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-        history = [train_step(policy, reference, optimizer, scheduler, [model_lib.collate_pairs(rows, 0)], ctx, s)
+        history = [train_step(policy, reference, optimizer, scheduler, [collate_lib.collate_pairs(rows, 0)], ctx, s)
                    for s in range(2)]
         results.append(([(h["loss"], h["grad_norm"]) for h in history],
                         {n: p.detach() for n, p in policy.named_parameters()}))
@@ -88,7 +89,7 @@ def test_listwise_reference_column_holds_one_logp_per_response(ray_session, tiny
     rows = {c: source[c].tolist() for c in schema.LIST_TOKEN_COLUMNS + ("scores",)}
     model = model_lib.load_causal_lm(str(tiny_model_dir), attn_implementation="sdpa").eval()
     with torch.no_grad():
-        live = model_lib.compute_row_logps(model, model_lib.collate_lists(rows, 0)).logps.reshape(len(source), 3)
+        live = model_lib.compute_row_logps(model, collate_lib.collate_lists(rows, 0)).logps.reshape(len(source), 3)
     assert torch.tensor([list(v) for v in written["reference_logps"]]) == pytest.approx(live, abs=1e-5)
 
 

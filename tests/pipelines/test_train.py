@@ -7,9 +7,11 @@ one Ray session, all on kldpo (batch-coupled) with LoRA, 4 steps of 8 pairs, rep
       Ray restarts the workers from the step-2 checkpoint;
   C   1 worker, micro-batch 4 x 2 accumulation micro-steps, stopped at max_steps=2 and rerun to
       max_steps=4 into the same --output (driver-level resume: a new fit restores weights,
-      optimizer, scheduler and skips the 2 global batches already used).
+      optimizer, scheduler and skips the 2 global batches already used);
+  D   as A on the plain path (train.packing=false: padded rows, full-vocabulary logits).
 B must equal A exactly (same arithmetic) and C must equal A to fp32 summation order (rel. 1e-5):
-no pair skipped or seen twice, and the coupled statistic is global for 1 or 2 workers.
+no pair skipped or seen twice, and the coupled statistic is global for 1 or 2 workers.  D must
+equal A to rel. 1e-5 (the packed, prompt-shared, response-only path is exact).
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ def test_smoke_two_workers_writes_metrics_checkpoints_and_a_loadable_model(run_a
     for column in REQUIRED_COLUMNS:
         assert column in frame.columns and frame[column].notna().all(), column
     assert (frame["eval/pairs"] == 6).all() and (frame["pairs"] == 8).all()
-    assert ((frame["padding_fraction"] > 0) & (frame["padding_fraction"] < 1)).all()
+    # Packed rows (the default, train.packing=true): nothing computed on padding, each prompt once,
+    # so fewer positions are computed than the useful tokens an unshared forward counts.
+    assert (frame["padding_fraction"] == 0).all() and (frame["positions"] < frame["tokens"]).all()
     assert (frame["tokens_per_s"] > 0).all() and (frame["lr"] == 0.02).all()
     # Implicit rewards are beta * (policy - reference) log-ratios; margins = chosen - rejected.
     assert frame["rewards/margins"].to_numpy() == pytest.approx(
@@ -101,3 +105,14 @@ def test_worker_restart_and_driver_resume_match_an_uninterrupted_run(run_a, runs
         assert b[column].tolist() == a[column].tolist(), column  # same workers: bit-identical
         assert c[column].to_numpy() == pytest.approx(a[column].to_numpy(), rel=1e-5, abs=1e-7), column
     assert a["loss"].iloc[0] != pytest.approx(a["loss"].iloc[1], rel=1e-3)  # training moved the loss
+
+
+@pytest.mark.slow
+def test_the_plain_padded_path_trains_the_same_run(run_a, ray_session, tiny_model_dir, pairs_dataset, tmp_path):
+    plain = train(_config(tiny_model_dir, pairs_dataset, tmp_path / "d", "train.packing=false"))
+    a, d = (pd.read_csv(r.output_dir / "metrics.csv") for r in (run_a, plain))
+    for column in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "eval/loss", "kldpo/weight_max"):
+        assert d[column].to_numpy() == pytest.approx(a[column].to_numpy(), rel=1e-5, abs=1e-7), column
+    assert d["tokens"].tolist() == a["tokens"].tolist()  # the same useful tokens
+    assert ((d["padding_fraction"] > 0) & (d["padding_fraction"] < 1)).all()
+    assert (d["positions"] > a["positions"]).all()

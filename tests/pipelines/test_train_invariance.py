@@ -61,6 +61,7 @@ def run_objective(model_dir: str, name: str, rank: int, world: int, micro: int, 
     """Train STEPS steps of one objective; return ((losses, grad norms) per step, final parameters)."""
     import robust_objectives as ro
 
+    from pipelines import collate as collate_lib
     from pipelines import model as model_lib
     from pipelines.train.batches import split_global_batch
     from pipelines.train.step import train_step
@@ -72,11 +73,12 @@ def run_objective(model_dir: str, name: str, rank: int, world: int, micro: int, 
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     ctx = _context(name, rank, world, **ctx_kwargs)
-    collate = model_lib.collate_lists if ctx.listwise else model_lib.collate_pairs
+    collate = collate_lib.collate_lists if ctx.listwise else collate_lib.collate_pairs
+    layout = "packed" if name in ro.NEEDS_EMBEDDINGS else "shared"  # the train stage's (train.config.batch_layout)
     losses = []
     for step, rows in enumerate(_global_batches(ctx.listwise)):
-        micro_batches = [collate(r, 0) for r in split_global_batch(rows, rank=rank, world_size=world,
-                                                                      micro_batch_size=micro)]
+        micro_batches = [collate(r, 0, layout=layout, response_head=True)
+                         for r in split_global_batch(rows, rank=rank, world_size=world, micro_batch_size=micro)]
         metrics = train_step(policy, reference, optimizer, scheduler, micro_batches, ctx, step)
         losses += [metrics["loss"], metrics["grad_norm"]]
     return losses, {n: p.detach().clone() for n, p in policy.named_parameters()}

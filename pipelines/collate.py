@@ -1,0 +1,225 @@
+"""Collation: rows of token ids -> one micro-batch, in one of three layouts.
+
+A micro-batch of B pairs has N = 2B scored rows (chosen rows 0..B-1, then rejected rows B..2B-1;
+OBJECTIVES.md section 1); B lists of K responses have N = B*K rows (row b*K + k).  Row n is
+`prompt + response`, and its log-prob is the sum over its response tokens.  The layouts differ only
+in how those rows are laid out for the forward; the log-probs are the same (tests/pipelines/
+test_packing.py holds every layout to the plain one at 1e-5 relative):
+
+- "padded": N right-padded rows (N, L), a 2D attention mask, `labels` with -100 on prompt and
+  padding (the plain path; every position of every row is computed).
+- "packed": the N rows end to end in one row (1, S), no padding; position ids restart per row and
+  attention is block-diagonal causal (a 4D mask built on the device by `model.packed_attention_mask`).
+  `token_rows` / `token_cols` (S,) place each position in the padded layout, so an objective that
+  differentiates with respect to each row's input embeddings (wdpo) can still have them per row.
+- "shared": one segment per pair (or list): the prompt once, then each response; a response attends
+  to the prompt and to itself, never to a sibling response, and its position ids continue from the
+  prompt's end, so each response sees exactly what it sees in its own row.  The prompt's forward
+  is paid once per pair instead of twice (K times for lists).
+
+Every layout also carries the response-only head's addresses: `score_index` (M,) the flat
+positions (into input_ids.reshape(-1)) whose hidden state predicts a scored token, `score_targets`
+(M,) that token, `score_rows` (M,) its row n, `score_cols` (M,) its index within the response.
+In "shared" the last prompt position appears once per response (it predicts each response's first
+token).  A response's first token is scored only when the prompt is non-empty (nothing predicts
+position 0), as in the padded path's shifted labels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+LAYOUTS = ("padded", "packed", "shared")
+
+
+def _as_ids(value: Any) -> list[int]:
+    return [int(t) for t in value]
+
+
+def _optional_float(rows: Mapping[str, Any], name: str) -> Optional[torch.Tensor]:
+    if name not in rows:
+        return None
+    return torch.as_tensor(np.stack([np.asarray(v, dtype=np.float64) for v in rows[name]]), dtype=torch.float32)
+
+
+def pad_rows(sequences: Sequence[tuple[list[int], int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad `(ids, prompt_length)` rows into input_ids / attention_mask / labels of shape (N, L)."""
+    length = max(len(ids) for ids, _ in sequences)
+    n = len(sequences)
+    input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, prompt_length) in enumerate(sequences):
+        tokens = torch.tensor(ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = tokens
+        attention_mask[row, : len(ids)] = 1
+        labels[row, prompt_length : len(ids)] = tokens[prompt_length:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class _Scores:
+    """Accumulates the response-only head's addresses."""
+
+    def __init__(self) -> None:
+        self.index: list[int] = []
+        self.targets: list[int] = []
+        self.rows: list[int] = []
+        self.cols: list[int] = []
+
+    def add(self, row: int, response: list[int], first_source: int, next_source: int) -> None:
+        """Token j of `response` (row `row`) is predicted at flat position first_source (j = 0; -1 =
+        nothing predicts it) or next_source + j - 1 (j >= 1)."""
+        for j, token in enumerate(response):
+            source = first_source if j == 0 else next_source + j - 1
+            if source < 0:
+                continue
+            self.index.append(source)
+            self.targets.append(token)
+            self.rows.append(row)
+            self.cols.append(j)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        return {"score_index": as_long(self.index), "score_targets": as_long(self.targets),
+                "score_rows": as_long(self.rows), "score_cols": as_long(self.cols)}
+
+
+def _assemble(groups: list[tuple[list[int], list[list[int]]]], row_of, pad_token_id: int,
+              layout: str, response_head: bool) -> dict[str, Any]:
+    """groups: (prompt, responses) per pair / list; row_of(g, k): the scored row of response k of group g."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    n_rows = sum(len(responses) for _, responses in groups)
+    order = sorted(((row_of(g, k), g, k) for g, (_, rs) in enumerate(groups) for k in range(len(rs))))
+    scores = _Scores()
+    batch: dict[str, Any] = {"layout": layout, "num_rows": n_rows}
+    # Useful tokens as an unshared forward counts them (the prompt in every row), for tokens/s.
+    batch["num_tokens"] = sum(len(groups[g][0]) + len(groups[g][1][k]) for _, g, k in order)
+    if layout == "padded":
+        sequences = [(groups[g][0] + groups[g][1][k], len(groups[g][0])) for _, g, k in order]
+        batch.update(pad_rows(sequences, pad_token_id))
+        width = batch["input_ids"].shape[1]
+        for row, g, k in order:
+            prompt, response = groups[g][0], groups[g][1][k]
+            start = row * width + len(prompt)
+            scores.add(row, response, start - 1 if prompt else -1, start)
+        batch["num_positions"] = batch["input_ids"].numel()
+    else:
+        ids: list[int] = []
+        positions: list[int] = []
+        segments: list[int] = []
+        branches: list[int] = []
+
+        def put(tokens: list[int], first_position: int, segment: int, branch: int) -> int:
+            start = len(ids)
+            ids.extend(tokens)
+            positions.extend(range(first_position, first_position + len(tokens)))
+            segments.extend([segment] * len(tokens))
+            branches.extend([branch] * len(tokens))
+            return start
+
+        if layout == "packed":  # every row its own segment, causal within it
+            for row, g, k in order:
+                prompt, response = groups[g][0], groups[g][1][k]
+                start = put(prompt + response, 0, row, 0) + len(prompt)
+                scores.add(row, response, start - 1 if prompt else -1, start)
+            # Each position's (row, column) in the padded layout: per-row input embeddings (wdpo).
+            batch["token_rows"] = torch.tensor(segments, dtype=torch.long)
+            batch["token_cols"] = torch.tensor(positions, dtype=torch.long)
+        else:  # shared: prompt once (branch 0), response k on branch k + 1
+            for g, (prompt, responses) in enumerate(groups):
+                prompt_end = put(prompt, 0, g, 0) + len(prompt)
+                for k, response in enumerate(responses):
+                    start = put(response, len(prompt), g, k + 1)
+                    scores.add(row_of(g, k), response, prompt_end - 1 if prompt else -1, start)
+        batch["input_ids"] = torch.tensor([ids], dtype=torch.long)
+        batch["position_ids"] = torch.tensor([positions], dtype=torch.long)
+        batch["segment_ids"] = torch.tensor(segments, dtype=torch.long)
+        batch["branch_ids"] = torch.tensor(branches, dtype=torch.long)
+        batch["num_positions"] = len(ids)
+        response_head = True  # packed rows have no full-logits path
+    # Padding is what the padded layout computes beyond the rows' own tokens; packed layouts have none.
+    batch["num_padding"] = batch["num_positions"] - batch["num_tokens"] if layout == "padded" else 0
+    batch["lengths"] = torch.bincount(torch.tensor(scores.rows, dtype=torch.long), minlength=n_rows)
+    if response_head:
+        batch.update(scores.tensors())
+    return batch
+
+
+def collate_pairs(rows: Mapping[str, Sequence[Any]], pad_token_id: int, *, layout: str = "padded",
+                  response_head: bool = False) -> dict[str, Any]:
+    """B preference pairs -> one micro-batch of 2B scored rows (chosen rows, then rejected rows).
+
+    Args:
+        rows: columns of the dataset contract (pipelines/schema.py): prompt_input_ids,
+            chosen_input_ids, rejected_input_ids (each a length-B sequence of id lists), and
+            optionally calibration / reference_chosen_logps / reference_rejected_logps (B,).
+        pad_token_id: id written at padding positions (masked out; any valid id works).
+        layout: "padded", "packed" or "shared" (module docstring).
+        response_head: add the response-only head's addresses (always so for packed layouts);
+            without them a padded batch takes the full-logits path.
+
+    Returns:
+        dict with the layout's tensors (padded: input_ids, attention_mask, labels (2B, L)),
+        lengths (2B,) scored tokens per row, chosen_lengths / rejected_lengths (B,) response token
+        counts, num_pairs B, num_tokens / num_positions / num_padding, and the optional float
+        columns as (B,) tensors.
+    """
+    prompts = [_as_ids(p) for p in rows["prompt_input_ids"]]
+    chosen = [_as_ids(c) for c in rows["chosen_input_ids"]]
+    rejected = [_as_ids(r) for r in rows["rejected_input_ids"]]
+    b = len(prompts)
+    groups = [(p, [c, r]) for p, c, r in zip(prompts, chosen, rejected)]
+    batch = _assemble(groups, lambda g, k: k * b + g, pad_token_id, layout, response_head)
+    batch["num_pairs"] = b
+    batch["chosen_lengths"] = torch.tensor([len(c) for c in chosen], dtype=torch.long)
+    batch["rejected_lengths"] = torch.tensor([len(r) for r in rejected], dtype=torch.long)
+    for name in ("calibration", "reference_chosen_logps", "reference_rejected_logps"):
+        value = _optional_float(rows, name)
+        if value is not None:
+            batch[name] = value
+    return batch
+
+
+def collate_lists(rows: Mapping[str, Sequence[Any]], pad_token_id: int, *, layout: str = "padded",
+                  response_head: bool = False) -> dict[str, Any]:
+    """B prompts x K scored responses -> B*K scored rows (row b*K + k); "shared" puts each prompt once.
+
+    Args:
+        rows: prompt_input_ids (B lists), responses_input_ids (B lists of K id lists), scores
+            (B lists of K), optionally calibration and reference_logps (B lists of K).
+        pad_token_id: id written at padding positions.
+        layout, response_head: as in collate_pairs.
+
+    Returns:
+        the layout's tensors (padded: input_ids, attention_mask, labels (B*K, L)), scores (B, K),
+        num_pairs B, list_size K, and calibration / reference_logps (B, K) when present.
+
+    Raises:
+        ValueError: lists of different sizes in one batch (the (B, K) objectives need one K).
+    """
+    prompts = [_as_ids(p) for p in rows["prompt_input_ids"]]
+    responses = [[_as_ids(r) for r in group] for group in rows["responses_input_ids"]]
+    sizes = {len(group) for group in responses}
+    if len(sizes) != 1:
+        raise ValueError(f"listwise batch mixes list sizes {sorted(sizes)}; every row needs the same K")
+    k_size = sizes.pop()
+    batch = _assemble(list(zip(prompts, responses)), lambda g, k: g * k_size + k, pad_token_id, layout,
+                      response_head)
+    batch["num_pairs"] = len(prompts)
+    batch["list_size"] = k_size
+    batch["scores"] = _optional_float(rows, "scores")
+    for name in ("calibration", "reference_logps"):
+        value = _optional_float(rows, name)
+        if value is not None:
+            batch[name] = value
+    return batch
+
+
+def count_tokens(batch: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(useful tokens as an unshared forward counts them, positions computed, padding among them)."""
+    return int(batch["num_tokens"]), int(batch["num_positions"]), int(batch["num_padding"])
