@@ -19,6 +19,7 @@ it, the trials' train config included, so a typo anywhere fails (exit 2) before 
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +28,7 @@ from pipelines import console
 from pipelines import config as config_lib
 from pipelines import data, evaluate, report, schema, tune
 from pipelines import world as world_lib
+from pipelines import timings as timings_lib
 from pipelines import tracking as tracking_lib
 from pipelines.console import say
 from pipelines.errors import UserError
@@ -128,16 +130,21 @@ def _data(world_dir: Path, data_dir: Path) -> None:
 
 def run(cfg: RunConfig) -> Path:
     """The whole chain; returns the path of report.md."""
+    timings = timings_lib.Timings("run")
     out = Path(cfg.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config_lib.dump(cfg, out / "run_config.yaml")
     world_dir, data_dir = out / "world", out / "data"
-    _world(cfg, world_dir)
-    _data(world_dir, data_dir)
+    with timings.phase("world"):
+        _world(cfg, world_dir)
+    with timings.phase("data"):
+        _data(world_dir, data_dir)
     reward = cfg.run.reward or f"world:{world_dir}"
 
     say("run", "[3/5] sweep: one TorchTrainer per trial under Ray Tune")
-    trials = tune.tune(sweep_config(cfg, out, reward))
+    with timings.phase("sweep"):
+        trials = tune.tune(sweep_config(cfg, out, reward))
+    timings.child("sweep", timings_lib.read(out / "sweep"))
     failed = trials.attrs.get("failed", [])
     if not len(trials):
         raise RuntimeError(f"no trial finished ({len(failed)} failed: the lines above name their error files)")
@@ -150,9 +157,12 @@ def run(cfg: RunConfig) -> Path:
     eval_cfg = EvaluateConfig.from_options(
         options, checkpoints=checkpoints, reference=str(world_dir / "reference_model"), data=str(data_dir),
         output=str(out / "evaluation"), grid=list(cfg.run.grid), reward=reward)
-    robustness = evaluate.evaluate(eval_cfg)
+    with timings.phase("evaluate"):
+        robustness = evaluate.evaluate(eval_cfg)
+    timings.child("evaluate", timings_lib.read(out / "evaluation"))
 
     say("run", "[5/5] report")
+    report_started = time.perf_counter()
     rows = trials.copy()
     if cfg.run.include_reference:
         robustness = robustness.assign(objective=robustness["trial_id"].map(
@@ -161,6 +171,10 @@ def run(cfg: RunConfig) -> Path:
     paths = report.write_report(rows, robustness, out, hyperparameter_cols=hyper,
                                 train_levels={"mixture": cfg.synth.alpha_train},
                                 title=f"robust-dpo run: {out.name}")
+    timings.add("report", time.perf_counter() - report_started)
+    timings.write(out)
+    with paths.report_md.open("a") as handle:
+        handle.write("\n" + timings_lib.markdown(timings.report()))
     tracking_lib.log_report(cfg.tracking_config(), out, out.name,
                             [paths.report_md, out / "pareto.png", out / "robustness.png"])
     if failed:

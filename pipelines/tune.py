@@ -40,6 +40,7 @@ import pandas as pd
 
 from pipelines import config as config_lib
 from pipelines import console
+from pipelines import timings as timings_lib
 from pipelines import tracking as tracking_lib
 from pipelines.console import Progress, say
 from pipelines.errors import UserError
@@ -203,8 +204,9 @@ def score_policy(policy_path: str, reference_path: str, data_path: str, trial_ev
             "kl_mc": float(np.mean(out["kl_mc"])), "response_length": float(np.mean(out["length"]))}
 
 
-def train_driver_fn(config: dict[str, Any]) -> None:
-    """Tune function trainable: one trial = one TorchTrainer run + one scoring task."""
+def train_driver_fn(config: dict[str, Any], tables: dict | None = None) -> None:
+    """Tune function trainable: one trial = one TorchTrainer run + one scoring task.  `tables` are
+    the data splits, read once by the sweep (`tune.with_parameters`: one copy in the object store)."""
     import ray
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -221,7 +223,8 @@ def train_driver_fn(config: dict[str, Any]) -> None:
         return
     train_cfg = trial_train_config(cfg, objective, trial_dir)
     started = time.perf_counter()
-    result = train_lib.train(train_cfg, trial_dir, callbacks=[TuneReportCallback()])
+    result = train_lib.train(train_cfg, trial_dir, callbacks=[TuneReportCallback()], tables=tables)
+    train_seconds = time.perf_counter() - started
     resources = {"num_gpus": 1} if train_cfg.train.use_gpu else {"num_cpus": 1}
     # "DEFAULT" lets the task leave the trial's placement group (it only holds the driver's CPU share).
     scores = ray.get(ray.remote(score_policy).options(**resources, scheduling_strategy="DEFAULT").remote(
@@ -229,7 +232,8 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     row = {**final, **scores, "trial_id": name, "objective": objective["name"],
            **{f"hp/{k}": v for k, v in objective.items() if k != "name"},
-           "final_model": str(result.final_model_path), "train_seconds": time.perf_counter() - started}
+           "final_model": str(result.final_model_path), "train_seconds": train_seconds,
+           "sampling_seconds": time.perf_counter() - started - train_seconds}
     result_file.write_text(json.dumps(row, indent=2, sort_keys=True))
     ray.tune.report(row)
 
@@ -271,6 +275,20 @@ def _searches(cfg: TuneConfig) -> list[tuple[str, dict, Any, int]]:
     return runs
 
 
+def trial_timings(output_dir: Path) -> dict[str, dict]:
+    """Per finished trial: its train stage's timings.json plus the sampling that scored it."""
+    out = {}
+    for result in sorted((output_dir / TRIALS_DIR).glob(f"*/{TRIAL_RESULT}")):
+        train_report = timings_lib.read(result.parent)
+        if train_report is None:
+            continue
+        row = json.loads(result.read_text())
+        phases = {**train_report["phases"], "sampling and scoring": round(row.get("sampling_seconds", 0.0), 3)}
+        out[result.parent.name] = {"stage": "trial", "total_seconds": round(row.get("train_seconds", 0.0)
+                                   + row.get("sampling_seconds", 0.0), 3), "phases": phases}
+    return out
+
+
 def collect_trials(output_dir: Path) -> pd.DataFrame:
     """trials.csv: one row per finished trial (from each trial's trial_result.json)."""
     rows = [json.loads(p.read_text()) for p in sorted((output_dir / TRIALS_DIR).glob(f"*/{TRIAL_RESULT}"))]
@@ -294,6 +312,7 @@ def tune(cfg: TuneConfig) -> pd.DataFrame:
     from pipelines import report
     from pipelines.ray_session import ensure_ray
 
+    timings = timings_lib.Timings("tune")
     check_tune_config(cfg)
     tracking_lib.check_backends(cfg.tracking_config())
     output_dir = Path(cfg.output).resolve()
@@ -308,13 +327,19 @@ def tune(cfg: TuneConfig) -> pd.DataFrame:
     resources = {"CPU": 0.5}
     if ray.cluster_resources().get(DRIVER_RESOURCE):
         resources[DRIVER_RESOURCE] = 0.01  # trial drivers on the head (not preemptible GPU nodes)
-    trainable = ray.tune.with_resources(train_driver_fn, resources)
+    tables = None
+    if train_cfg.reference.mode == "live":  # the splits, read once for every trial
+        from pipelines.train import read_training_tables
+
+        with timings.phase("read data"):
+            tables = read_training_tables(train_cfg)
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(train_driver_fn, tables=tables), resources)
     searches = _searches(cfg)
     total = sum(len(space["objective"]["grid_search"]) if label == "grid" else samples
                 for label, space, _, samples in searches)
     say("tune", f"{total} trial(s), up to {limit} at a time; trials in {output_dir / TRIALS_DIR}")
     failed: list[tuple[str, str, str]] = []
-    with Progress("tune", "trials", total) as progress:
+    with Progress("tune", "trials", total) as progress, timings.phase("trials"):
         for label, space, searcher, samples in searches:
             scheduler = None
             if cfg.search.asha:
@@ -338,8 +363,11 @@ def tune(cfg: TuneConfig) -> pd.DataFrame:
                 if result.error is not None:
                     failed.append(record_failure(output_dir, result))
     trials = collect_trials(output_dir)
+    for name, trial in trial_timings(output_dir).items():
+        timings.child(name, trial)
     if len(trials):
-        report.write_pareto(trials, output_dir)
+        with timings.phase("report"):
+            report.write_pareto(trials, output_dir)
         tracking_lib.log_report(cfg.tracking_config(), output_dir, output_dir.name,
                                 [output_dir / name for name in ("trials.csv", "pareto.csv", "pareto.png")])
     for name, first, log in failed:
@@ -347,6 +375,7 @@ def tune(cfg: TuneConfig) -> pd.DataFrame:
     say("tune", f"{len(trials)} of {total} trial(s) finished{f', {len(failed)} failed' if failed else ''}; "
                 f"{output_dir / 'trials.csv'}, {output_dir / 'pareto.csv'}")
     trials.attrs["failed"] = failed
+    timings.write(output_dir)
     return trials
 
 

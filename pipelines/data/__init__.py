@@ -93,6 +93,7 @@ def prepare_data(cfg: DataConfig) -> DataResult:
             printing up to 20 `<file>:row <index>: <field>: <reason>` lines to stderr).
     """
     from pipelines.data import shifts as shift_lib
+    from pipelines.timings import Timings
 
     parsed_shifts = [shift_lib.parse_shift(s) for s in cfg.shifts]  # bad specs fail before Ray starts
     source = resolve_source(cfg.dataset)  # [1] files per split
@@ -113,20 +114,24 @@ def prepare_data(cfg: DataConfig) -> DataResult:
     for stale in (schema.MANIFEST_FILE, "rejected_rows.jsonl"):  # a failed rerun must not look like a dataset
         (out / stale).unlink(missing_ok=True)
 
-    ensure_ray()
+    timings = Timings("data")
+    with timings.phase("Ray session"):
+        ensure_ray()
     with preserve_order():
-        raw = {name: read_raw(source, files) for name, files in splits.items()}  # [2] (file, row, record) + address
-        input_format = cfg.format if cfg.format != "auto" else _detect(raw, cfg.dataset)
-        fmt = output_format(input_format)
-        prepared = {  # [3] normalise + validate + tokenise, once, in an actor pool
-            name: ds.map_batches(
-                PrepareRows, batch_format="pyarrow", batch_size=cfg.batch_size, **actor_pool(cfg.concurrency),
-                fn_constructor_kwargs=dict(tokenizer_path=cfg.tokenizer, input_format=input_format,
-                                           max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length),
-            ).materialize()
-            for name, ds in raw.items()
-        }
-        summary = {name: _summarize(ds) for name, ds in prepared.items()}  # [4] counts and errors
+        with timings.phase("read, validate, tokenise"):
+            raw = {name: read_raw(source, files) for name, files in splits.items()}  # [2] (file, row, record)
+            input_format = cfg.format if cfg.format != "auto" else _detect(raw, cfg.dataset)
+            fmt = output_format(input_format)
+            prepared = {  # [3] normalise + validate + tokenise, once, in an actor pool
+                name: ds.map_batches(
+                    PrepareRows, batch_format="pyarrow", batch_size=cfg.batch_size, **actor_pool(cfg.concurrency),
+                    fn_constructor_kwargs=dict(tokenizer_path=cfg.tokenizer, input_format=input_format,
+                                               max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length),
+                ).materialize()
+                for name, ds in raw.items()
+            }
+        with timings.phase("counts and errors"):
+            summary = {name: _summarize(ds) for name, ds in prepared.items()}  # [4] counts and errors
         stats = _stats(summary, input_format, fmt)
         rejected_path = _write_rejected(out, prepared) if stats["rows_rejected"] else None
         _write_json(out / schema.STATS_FILE, stats)
@@ -145,7 +150,8 @@ def prepare_data(cfg: DataConfig) -> DataResult:
         for name in valid:  # [6] shifts, in order, on the chosen splits
             if name in cfg.shift_splits and parsed_shifts:
                 valid[name] = shift_lib.apply_shifts(valid[name], parsed_shifts, seed=cfg.seed)
-        written = {name: _write_split(ds, out / name) for name, ds in valid.items()}  # [7] write
+        with timings.phase("shift and write"):
+            written = {name: _write_split(ds, out / name) for name, ds in valid.items()}  # [7] write
     stats["rows_written"] = written
     _write_json(out / schema.STATS_FILE, stats)
     manifest_fields = dict(
@@ -154,6 +160,7 @@ def prepare_data(cfg: DataConfig) -> DataResult:
         shifts=[s.text for s in parsed_shifts], shift_splits=list(cfg.shift_splits),
         fingerprint=_fingerprint(source, splits, cfg), seed=cfg.seed,
     )
+    timings.write(out)
     schema.write_manifest(out, **manifest_fields)
     return DataResult(output=out, manifest=schema.read_manifest(out), stats=stats,
                       rejected_rows=rejected_path, splits=written)

@@ -341,7 +341,9 @@ def evaluate(cfg: EvaluateConfig) -> pd.DataFrame:
 
     from pipelines.evaluate.rewards import RewardFunction
     from pipelines.ray_session import ensure_ray, preserve_order
+    from pipelines.timings import Timings
 
+    timings = Timings("evaluate")
     checkpoints, manifest = _check_inputs(cfg)
     reward = RewardFunction(cfg.reward) if cfg.reward and cfg.generation.enabled else None  # fail fast
     world_components = tuple(reward.world.spec["mixture"]["rewards"]) if reward and reward.world else None
@@ -356,24 +358,30 @@ def evaluate(cfg: EvaluateConfig) -> pd.DataFrame:
     data_tokenizer = str(manifest.get("tokenizer", ""))
     tokenizer = cfg.tokenizer or (data_tokenizer if data_tokenizer and Path(data_tokenizer).exists() else cfg.reference)
 
-    ensure_ray()
+    with timings.phase("Ray session"):
+        ensure_ray()
     gpu = _gpu_actors(cfg)
     models = [("ref", cfg.reference)] + [(f"ckpt{i}", path) for i, (_, path) in enumerate(checkpoints)]
     with preserve_order():
-        ds = ray.data.read_parquet(schema.split_files(cfg.data, cfg.split))
-        if cfg.max_pairs:
-            ds = ds.limit(cfg.max_pairs)
-        ds = compute_pair_logps(ds, models, cfg, gpu)
-        if ds.count() == 0:
-            raise UserError(f"dataset '{cfg.data}' split '{cfg.split}' has no rows")
-        columns = ["prompt"] + [f"{p}_{s}_logps" for p, _ in models for s in ("chosen", "rejected")]
-        level_rows = shift_pair_rows(ds, levels, columns, cfg.shift_seed)
+        with timings.phase("pair log-probs (every model, every pair)"):
+            ds = ray.data.read_parquet(schema.split_files(cfg.data, cfg.split))
+            if cfg.max_pairs:
+                ds = ds.limit(cfg.max_pairs)
+            ds = compute_pair_logps(ds, models, cfg, gpu)
+            if ds.count() == 0:
+                raise UserError(f"dataset '{cfg.data}' split '{cfg.split}' has no rows")
+        with timings.phase("shift levels"):
+            columns = ["prompt"] + [f"{p}_{s}_logps" for p, _ in models for s in ("chosen", "rejected")]
+            level_rows = shift_pair_rows(ds, levels, columns, cfg.shift_seed)
         samples = None
         if cfg.generation.enabled:
-            samples = sample_checkpoints(ds, checkpoints, cfg, gpu, tokenizer, reward_keys, reward is not None)
-            samples.to_parquet(out_dir / "samples.parquet", index=False)
-    result = summarise_levels(checkpoints, levels, level_rows, samples, level_reward, cfg.beta)
-    result.to_csv(out_dir / "evaluation.csv", index=False)
+            with timings.phase("sampling and scoring"):
+                samples = sample_checkpoints(ds, checkpoints, cfg, gpu, tokenizer, reward_keys, reward is not None)
+                samples.to_parquet(out_dir / "samples.parquet", index=False)
+    with timings.phase("summary"):
+        result = summarise_levels(checkpoints, levels, level_rows, samples, level_reward, cfg.beta)
+        result.to_csv(out_dir / "evaluation.csv", index=False)
+    timings.write(out_dir)
     _log(f"wrote {out_dir / 'evaluation.csv'} ({len(result)} rows)")
     return result
 

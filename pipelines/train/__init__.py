@@ -35,10 +35,11 @@ import dataclasses
 import os
 import shutil
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from pipelines import console
 from pipelines import config as config_lib
@@ -137,11 +138,34 @@ def reference_stage_config(cfg: TrainConfig):
     )
 
 
+def read_split(data_path: str | Path, split: str, columns: Sequence[str] | None = None):
+    """One split of a `robust-dpo data` dataset as one Arrow table, its files in sorted order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(f, columns=list(columns) if columns is not None else None)
+              for f in schema.split_files(data_path, split)]
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def read_training_tables(cfg: TrainConfig) -> dict[str, Any]:
+    """The splits `train(cfg)` reads (train, and eval when it has one), as `tables` for `train`: a
+    sweep reads them once and hands them to every trial (reference.mode=live; the columns the
+    objective reads only)."""
+    info = tc.inspect_dataset(cfg)
+    columns = _read_columns(info, cfg, info.columns)
+    splits = [cfg.data.train_split] + ([info.eval_split] if info.eval_split else [])
+    return {split: read_split(cfg.data.path, split, columns) for split in splits}
+
+
 def build_trainer(cfg: TrainConfig, output_dir: Path, info: tc.DatasetInfo, plan: RunPlan, data_path: Path,
-                  callbacks: Sequence[Any] = (), progress: Any = None):
+                  callbacks: Sequence[Any] = (), progress: Any = None, timings: Any = None,
+                  tables: Mapping[str, Any] | None = None):
     """The TorchTrainer of a checked run (`prepare_run`).  `callbacks` go to RunConfig (Tune adds
-    TuneReportCallback); `progress` is a ray.util.queue.Queue rank 0 puts report rows on.  Storage:
-    `output_dir`/checkpoints, a fixed name, so rerunning with the same output_dir resumes."""
+    TuneReportCallback); `progress` is a ray.util.queue.Queue rank 0 puts report rows on; `tables`
+    are splits already read (split name -> Arrow table, as `read_split` gives; a sweep reads them
+    once for all its trials).  Storage: `output_dir`/checkpoints, a fixed name, so rerunning with
+    the same output_dir resumes."""
     import ray
     import ray.data
     import ray.train
@@ -149,20 +173,30 @@ def build_trainer(cfg: TrainConfig, output_dir: Path, info: tc.DatasetInfo, plan
 
     from pipelines.ray_session import ensure_ray
 
+    if timings is None:
+        from pipelines.timings import Timings
+
+        timings = Timings("train")
     ensure_ray()
     if cfg.train.use_gpu and not os.environ.get("RAY_ADDRESS") and ray.cluster_resources().get("GPU", 0) < 1:
         raise UserError("train.use_gpu=true but this Ray session has no GPU; set train.use_gpu=false")
+    data_started = time.perf_counter()
     columns = _read_columns(info, cfg, info.columns)
-    train_files = schema.split_files(data_path, cfg.data.train_split)
-    datasets = {"train": ray.data.read_parquet(train_files).select_columns(columns)}
-    if info.eval_split:
-        datasets["eval"] = ray.data.read_parquet(schema.split_files(data_path, info.eval_split)).select_columns(columns)
-    for name, ds in datasets.items():
+    splits = {"train": cfg.data.train_split, **({"eval": info.eval_split} if info.eval_split else {})}
+    datasets = {}
+    for name, split in splits.items():
+        # Tokenised ids are small: the split goes into the object store once, as Arrow blocks, so
+        # each epoch and each evaluation on every worker streams them (no read tasks per epoch).
+        # Read here with pyarrow (the driver already reads the manifest from this path): Ray Data's
+        # read_parquet + materialize costs seconds of task start-up per split for the same bytes.
+        table = (tables or {}).get(split)
+        if table is None:
+            table = read_split(data_path, split, columns)
+        ds = ray.data.from_arrow(table.select(columns))
         ds.context.enable_progress_bars = False  # workers print one line per report instead
         ds.context.execution_options.preserve_order = True  # sorted file order, run after run
-        # Tokenised ids are small: read the parquet once into the object store, so each epoch and
-        # each evaluation on every worker streams blocks instead of re-launching read tasks.
-        datasets[name] = ds.materialize()
+        datasets[name] = ds
+    timings.add("data", time.perf_counter() - data_started)
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": train_config_to_dict(cfg), "plan": dataclasses.asdict(plan), "progress": progress},
@@ -223,27 +257,32 @@ def collect_outputs(output_dir: Path, checkpoint_dir: Path | None) -> TrainResul
 
 
 def train(cfg: TrainConfig, output_dir: str | Path | None = None, callbacks: Sequence[Any] = (),
-          show_progress: bool = False) -> TrainResult:
+          show_progress: bool = False, tables: Mapping[str, Any] | None = None) -> TrainResult:
     """Validate, fit (or resume, or notice the run is complete), write metrics.csv and final_model/.
 
     Args:
         cfg: the stage config; `output_dir` defaults to cfg.output.
         callbacks: ray.train.UserCallbacks for RunConfig (Tune passes TuneReportCallback).
         show_progress: print a progress line per report (the CLI; Tune reports trials itself).
+        tables: splits of cfg.data.path already read (`read_split`), used instead of reading them
+            (not with reference.mode=precomputed, whose splits carry the reference columns).
 
     Raises:
         UserError: bad input (before any worker starts).
         RuntimeError: training failed after train.max_failures restarts (metrics.csv is still
             written from the latest checkpoint).
     """
+    from pipelines.timings import Timings
     from pipelines.train import state as train_state
 
+    timings = Timings("train")
     output_dir = Path(output_dir or cfg.output or "")
     if not str(output_dir) or str(output_dir) == ".":
         raise UserError("the train stage needs an output directory (--output DIR)")
     output_dir = output_dir.resolve()
     cfg = dataclasses.replace(cfg, output=str(output_dir))
-    info, plan, data_path = prepare_run(cfg, output_dir)
+    with timings.phase("validate"):
+        info, plan, data_path = prepare_run(cfg, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, output_dir / "config.yaml")
     latest = train_state.find_latest_checkpoint(output_dir / CHECKPOINTS)
@@ -255,31 +294,65 @@ def train(cfg: TrainConfig, output_dir: str | Path | None = None, callbacks: Seq
     start_step = train_state.read_train_state(latest)["step"] if latest is not None else 0
     if start_step:
         say("train", f"resuming {output_dir} from step {start_step}/{plan.total_steps}")
+    from pipelines.ray_session import ensure_ray
+
+    with timings.phase("Ray session"):
+        ensure_ray()
     queue = printer = None
     if show_progress:  # rank 0 puts each report row; a driver thread prints them
         from ray.util.queue import Queue
 
-        queue = Queue()
+        with timings.phase("progress channel"):
+            queue = Queue()
         printer = threading.Thread(target=_print_progress, args=(queue, start_step, plan.total_steps), daemon=True)
-    trainer = build_trainer(cfg, output_dir, info, plan, data_path, callbacks=callbacks, progress=queue)
+    if cfg.reference.mode == "precomputed":
+        tables = None
+    trainer = build_trainer(cfg, output_dir, info, plan, data_path, callbacks=callbacks, progress=queue,
+                            timings=timings, tables=tables)
     if printer is not None:
         printer.start()
     error = None
+    fit_started = time.time()
     try:
         result = trainer.fit()
         error = result.error
     except Exception as exc:  # noqa: BLE001 - Ray's TrainingFailedError and friends
         error = exc
+    fit_ended = time.time()
     if queue is not None:
         queue.put(None)  # the printer's end
         printer.join(timeout=10)
         queue.shutdown()
-    outputs = collect_outputs(output_dir, train_state.find_latest_checkpoint(output_dir / CHECKPOINTS))
+    latest = train_state.find_latest_checkpoint(output_dir / CHECKPOINTS)
+    with timings.phase("outputs"):
+        outputs = collect_outputs(output_dir, latest)
+    split_fit(timings, fit_started, fit_ended, train_state.read_train_state(latest).get("timings") if latest else None)
+    timings.write(output_dir)
     if error is not None:
         log = write_error(output_dir, error)
         first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise RuntimeError(f"training failed: {first} (full error: {log})") from error
     return outputs
+
+
+def split_fit(timings, fit_started: float, fit_ended: float, worker: dict | None) -> None:
+    """The fit's wall time (epoch seconds `fit_started`..`fit_ended`) as the rank-0 worker's own
+    phases (its last checkpoint's record: process start, setup, data, steps, evaluation,
+    checkpoints) plus what the worker did not see: Ray Train's controller and worker group before
+    the worker process existed, and after its last report (the last checkpoint's persistence, the
+    worker group's and controller's teardown)."""
+    worker = worker or {}
+    seen = 0.0
+    for name, seconds in (worker.get("phases") or {}).items():
+        timings.add(f"worker {name}", seconds)
+        seen += seconds
+    if "created_at" in worker and "reported_at" in worker:
+        before = max(0.0, worker["created_at"] - fit_started)
+        after = max(0.0, fit_ended - worker["reported_at"])
+        timings.add("Ray Train start-up (controller, worker group)", before)
+        timings.add("Ray Train last report and teardown", after)
+        seen += before + after
+    timings.add("Ray Train reports, other", max(0.0, fit_ended - fit_started - seen))
 
 
 def write_error(output_dir: Path, error: BaseException) -> Path:

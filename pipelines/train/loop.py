@@ -144,6 +144,20 @@ class WorkerState:
     scheduler: Any  # LambdaLR of build_schedule
     step: int = 0  # optimizer steps done (= the data position: batches are a pure function of it)
     history: list = field(default_factory=list)  # every reported metrics row so far (rides in checkpoints)
+    timings: dict = field(default_factory=dict)  # this attempt's worker phases so far (rides in checkpoints)
+
+
+def worker_timings():
+    """The worker's Timings, with `start` = seconds from its process's creation to the train
+    function (Ray's actor start, imports, the worker group's setup)."""
+    import psutil
+
+    from pipelines.timings import Timings
+
+    timings = Timings("worker")
+    timings.created_at = psutil.Process().create_time()
+    timings.add("start", max(0.0, time.time() - timings.created_at))
+    return timings
 
 
 def train_fn_per_worker(loop_config: dict) -> None:
@@ -157,6 +171,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
     from pipelines.train import state as train_state
     from pipelines.train import step as step_lib
 
+    timings = worker_timings()
     cfg = build_train_config(loop_config["config"])  # [1] typed config, first line (G6)
     plan = RunPlan(**loop_config["plan"])
     progress = loop_config.get("progress")  # a ray.util.queue.Queue the driver prints from, or None
@@ -196,7 +211,8 @@ def train_fn_per_worker(loop_config: dict) -> None:
     train_data = ray.train.get_dataset_shard("train")
     eval_data = ray.train.get_dataset_shard("eval") if plan.has_eval else None
     interval: list[dict[str, float]] = []
-    started = time.perf_counter()
+    timings.add("setup", time.perf_counter() - timings.started)
+    started = mark = time.perf_counter()
     while state.step < plan.total_steps:  # [4] epochs of global batches, resumed mid-epoch
         epoch, offset = divmod(state.step, plan.steps_per_epoch)
         before = state.step
@@ -204,8 +220,10 @@ def train_fn_per_worker(loop_config: dict) -> None:
                                         epoch=epoch, shuffle_buffer=cfg.data.shuffle_buffer, skip=offset):
             micro = [prepare(r) for r in split_global_batch(
                 rows, rank=rank, world_size=world, micro_batch_size=cfg.train.micro_batch_size)]
+            timings.add("data", time.perf_counter() - mark)
             # [5] one optimizer step: forward, objective, backward, gradient sync, AdamW (step.py)
-            metrics = step_lib.train_step(policy, reference, optimizer, state.scheduler, micro, ctx, state.step)
+            with timings.phase("steps"):
+                metrics = step_lib.train_step(policy, reference, optimizer, state.scheduler, micro, ctx, state.step)
             state.step += 1
             interval.append(metrics)
             maybe_inject_failure(plan, state.step, rank)
@@ -220,14 +238,18 @@ def train_fn_per_worker(loop_config: dict) -> None:
                     batches = (None if b is None else prepare(b) for b in iter_eval_micro_batches(
                         eval_data, rank=rank, world_size=world, micro_batch_size=cfg.train.micro_batch_size,
                         max_rows=cfg.data.max_eval_pairs))
-                    row.update(step_lib.evaluate(policy, reference, batches, ctx))
+                    with timings.phase("evaluation"):
+                        row.update(step_lib.evaluate(policy, reference, batches, ctx))
                 state.history.append(row)
-                _report(state, row, cfg, final=state.step == plan.total_steps, rank=rank)
+                state.timings = {**timings.report(), "created_at": timings.created_at, "reported_at": time.time()}
+                with timings.phase("checkpoints"):
+                    _report(state, row, cfg, final=state.step == plan.total_steps, rank=rank)
                 if progress is not None and rank == 0:
                     progress.put(row)
                 if tracker is not None:
                     tracker.log(row, state.step)
                 started = time.perf_counter()
+            mark = time.perf_counter()
             if state.step >= plan.total_steps:
                 break
         if state.step == before:  # the split shrank since the driver counted it: fail, do not spin
@@ -253,7 +275,7 @@ def _report(state: WorkerState, row: dict[str, float], cfg: TrainConfig, *, fina
     with tempfile.TemporaryDirectory(prefix="robust_dpo_ckpt_") as tmp:
         directory = Path(tmp)
         train_state.save_checkpoint(directory, state.policy, state.optimizer, state.scheduler, step=state.step,
-                                    history=state.history, rank=rank)
+                                    history=state.history, rank=rank, timings=state.timings)
         if final:
             sharded = cfg.train.strategy == "fsdp"
             weights = train_state.trainable_state_dict(state.policy) if sharded else None

@@ -88,7 +88,7 @@ def _load_plain(path: Path) -> Any:
 
 
 def save_checkpoint(directory: Path, model, optimizer, scheduler, *, step: int, history: list[dict],
-                    rank: int) -> None:
+                    rank: int, timings: dict | None = None) -> None:
     """Write the checkpoint files (rank 0 writes; under FSDP every rank joins the gathers)."""
     weights = trainable_state_dict(model)
     optim = optimizer_state_dict(model, optimizer)
@@ -97,7 +97,7 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, *, step: int, 
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(weights, directory / TRAINABLE_FILE)
     torch.save({"optimizer": optim, "scheduler": _loadable_scheduler_state(scheduler)}, directory / OPTIMIZER_FILE)
-    (directory / STATE_FILE).write_text(json.dumps({"step": step, "history": history}))
+    (directory / STATE_FILE).write_text(json.dumps({"step": step, "history": history, "timings": timings or {}}))
 
 
 def read_train_state(directory: str | Path) -> dict[str, Any]:

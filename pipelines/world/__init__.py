@@ -306,44 +306,42 @@ def generate_world(cfg: SynthConfig | WorldConfig, output_dir: str | Path, log=p
         output_dir: the world directory.
         log: progress printer (one line per step).
     """
+    from pipelines.timings import Timings
     from pipelines.world.toy_models import build_word_tokenizer
 
     wc = cfg.synth if isinstance(cfg, SynthConfig) else cfg
     paths = world_paths(output_dir)
     paths.train.parent.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    timings = Timings("synth")
 
     # [1] Parameters: vocabulary, generators, rewards, groups.
-    spec = draw_world_spec(wc)
-    world = World(spec)
-    timings["params_s"] = time.perf_counter() - t0
+    with timings.phase("world parameters"):
+        spec = draw_world_spec(wc)
+        world = World(spec)
     log(f"[1/5] world drawn: {len(world.words)} words, rewards {', '.join(world.reward_names)}")
 
     # [2] Stage-1 source classifier (DoRA, OBJECTIVES.md 6.2): target vs synthetic responses.
-    t = time.perf_counter()
-    spec["classifier"] = fit_source_classifier(world, wc, rng_for(wc.seed, "classifier"))
-    spec = json.loads(json.dumps(spec))
-    world = World(spec)
-    timings["classifier_s"] = time.perf_counter() - t
+    with timings.phase("source classifier"):
+        spec["classifier"] = fit_source_classifier(world, wc, rng_for(wc.seed, "classifier"))
+        spec = json.loads(json.dumps(spec))
+        world = World(spec)
     log(
         f"[2/5] source classifier: held-out accuracy {spec['classifier']['heldout_accuracy']:.3f}, "
         f"ECE {spec['classifier']['heldout_ece']:.3f}"
     )
 
     # [3] Preference pairs: train labelled by alpha_train (+ judge bias, BT, noise); eval clean.
-    t = time.perf_counter()
-    train = build_pairs(world, wc, wc.n_train, wc.target_fraction, rng_for(wc.seed, "train"), split="train")
-    evals = build_pairs(world, wc, wc.n_eval, wc.eval_target_fraction, rng_for(wc.seed, "eval"), split="eval")
-    write_parquet(train, paths.train)
-    write_parquet(evals, paths.eval)
-    spec["stats"] = {"train": split_stats(world, train, wc), "eval": split_stats(world, evals, wc)}
-    spec["labels"] = LABEL_DESCRIPTION
-    timings["pairs_s"] = time.perf_counter() - t
+    with timings.phase("pairs"):
+        train = build_pairs(world, wc, wc.n_train, wc.target_fraction, rng_for(wc.seed, "train"), split="train")
+        evals = build_pairs(world, wc, wc.n_eval, wc.eval_target_fraction, rng_for(wc.seed, "eval"), split="eval")
+        write_parquet(train, paths.train)
+        write_parquet(evals, paths.eval)
+        spec["stats"] = {"train": split_stats(world, train, wc), "eval": split_stats(world, evals, wc)}
+        spec["labels"] = LABEL_DESCRIPTION
     log(f"[3/5] pairs: {len(train['prompt'])} train, {len(evals['prompt'])} eval -> {paths.train.parent}")
 
     # [4] Tokenizer (word level, chat template) and [5] the reference model trained by ML on Q_synthetic.
-    t = time.perf_counter()
+    started = time.perf_counter()
     tokenizer = build_word_tokenizer(world.words, chat_template=CHAT_TEMPLATE)
     if tokenizer.convert_tokens_to_ids(world.words[0]) != 4:
         raise AssertionError("tokenizer ids must be 4 + world word index")
@@ -360,7 +358,7 @@ def generate_world(cfg: SynthConfig | WorldConfig, output_dir: str | Path, log=p
     model.save_pretrained(paths.reference_model)
     tokenizer.save_pretrained(paths.reference_model)
     spec["reference_model"] = ref_stats
-    timings["reference_model_s"] = time.perf_counter() - t
+    timings.add("tokenizer and reference model", time.perf_counter() - started)
     log(
         f"[5/5] reference model: NLL/token {ref_stats['nll_per_token']:.3f} (generator "
         f"{ref_stats['generator_nll_per_token']:.3f}, uniform {ref_stats['uniform_nll_per_token']:.3f}) "
@@ -376,11 +374,8 @@ def generate_world(cfg: SynthConfig | WorldConfig, output_dir: str | Path, log=p
     }
     paths.world_json.write_text(json.dumps(spec, indent=1, sort_keys=True) + "\n")
     dump(SynthConfig(synth=wc), paths.config)
-    timings["total_s"] = time.perf_counter() - t0
-    (paths.root / "timings.json").write_text(
-        json.dumps({k: round(v, 3) for k, v in timings.items()}, indent=1)
-    )
-    log(f"world written to {paths.root} in {timings['total_s']:.1f} s")
+    timings.write(paths.root)
+    log(f"world written to {paths.root} in {timings.report()['total_seconds']:.1f} s")
     return paths
 
 

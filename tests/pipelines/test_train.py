@@ -16,6 +16,7 @@ equal A to rel. 1e-5 (the packed, prompt-shared, response-only path is exact).
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -77,6 +78,10 @@ def test_smoke_two_workers_writes_metrics_checkpoints_and_a_loadable_model(run_a
     checkpoints = sorted(p.name for p in (result.output_dir / "checkpoints").glob("checkpoint_*") if p.is_dir())
     assert checkpoints == ["checkpoint_000002", "checkpoint_000004"]
     assert (result.output_dir / "config.yaml").is_file()
+    timings = json.loads((result.output_dir / "timings.json").read_text())
+    assert {"validate", "data", "worker start", "worker setup", "worker data", "worker steps", "worker evaluation",
+            "worker checkpoints", "Ray Train start-up (controller, worker group)", "outputs"} <= set(timings["phases"])
+    assert timings["phases"]["worker steps"] > 0
     # The final model is an HF dir with the LoRA update merged: loads without peft and differs from the base.
     trained = AutoModelForCausalLM.from_pretrained(result.final_model_path)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -87,6 +87,20 @@ def test_run_smoke_end_to_end_and_resume(ray_session, tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     assert "worst-case reward" in report and "Hypervolume" in report
+    # Where the time went: every stage's timings.json, nested in the run's, and a table in the report.
+    timings = json.loads((out / "timings.json").read_text())
+    assert list(timings["phases"]) == ["world", "data", "sweep", "evaluate", "report"]
+    assert sum(timings["phases"].values()) <= timings["total_seconds"] + 1e-3
+    trials = timings["children"]["sweep"]["children"]
+    assert sorted(trials) == ["dpo-beta_0.1", "kldpo-beta_0.1-tau_0.5"]
+    for trial in trials.values():
+        assert {"validate", "data", "worker start", "worker setup", "worker steps", "worker checkpoints",
+                "Ray Train start-up (controller, worker group)", "sampling and scoring"} <= set(trial["phases"])
+        assert trial["phases"]["worker steps"] > 0 and trial["phases"]["sampling and scoring"] > 0
+    assert "sampling and scoring" in timings["children"]["evaluate"]["phases"]
+    for stage in ("world", "data", "evaluation"):
+        assert json.loads((out / stage / "timings.json").read_text())["total_seconds"] > 0, stage
+    assert "## Where the time went" in report and "| sweep |" in report and "| worker steps |" in report
 
     trial_dirs = sorted(p.name for p in (out / "sweep" / "trials").iterdir())
     assert trial_dirs == ["dpo-beta_0.1", "kldpo-beta_0.1-tau_0.5"]
