@@ -88,6 +88,77 @@ class _Scores:
                 "score_rows": as_long(self.rows), "score_cols": as_long(self.cols)}
 
 
+class _Segment:
+    """One packed unit laid out alone: a scored row (packed) or a pair / list (shared)."""
+
+    def __init__(self, owner: int = -1) -> None:
+        self.owner = owner  # packed: the scored row every token belongs to
+        self.ids: list[int] = []
+        self.positions: list[int] = []
+        self.branches: list[int] = []
+        self.scored: list[tuple[int, list[int], int, int]] = []  # (row, response, first, next), local
+
+    def put(self, tokens: list[int], first_position: int, branch: int) -> int:
+        start = len(self.ids)
+        self.ids.extend(tokens)
+        self.positions.extend(range(first_position, first_position + len(tokens)))
+        self.branches.extend([branch] * len(tokens))
+        return start
+
+    def score(self, row: int, response: list[int], first_source: int, next_source: int) -> None:
+        self.scored.append((row, response, first_source, next_source))
+
+
+def _pack(segments: list[_Segment], pad_token_id: int, scores: _Scores) -> dict[str, Any]:
+    """First-fit-decreasing of the segments into R rows of the longest segment's length W, so a
+    row's attention is never longer than its longest sequence (one row for everything would make
+    attention quadratic in the micro-batch's tokens).  Tails are padded: a padding position is its
+    own segment (it sees only itself) and nothing reads it."""
+    width = max(len(segment.ids) for segment in segments)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(segments)), key=lambda i: -len(segments[i].ids)):
+        size = len(segments[index].ids)
+        slot = next((r for r, free in enumerate(room) if free >= size), None)
+        if slot is None:
+            rows.append([])
+            room.append(width)
+            slot = len(rows) - 1
+        rows[slot].append(index)
+        room[slot] -= size
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    segment_ids = -1 - torch.arange(shape[0] * width, dtype=torch.long).view(shape)  # padding: alone
+    branch_ids = torch.zeros(shape, dtype=torch.long)
+    token_flat, token_rows, token_cols = [], [], []
+    for r, members in enumerate(rows):
+        offset = 0
+        for index in sorted(members):  # segments in input order within a row
+            segment = segments[index]
+            end = offset + len(segment.ids)
+            input_ids[r, offset:end] = torch.tensor(segment.ids, dtype=torch.long)
+            position_ids[r, offset:end] = torch.tensor(segment.positions, dtype=torch.long)
+            segment_ids[r, offset:end] = index
+            branch_ids[r, offset:end] = torch.tensor(segment.branches, dtype=torch.long)
+            base = r * width + offset
+            for row, response, first, following in segment.scored:
+                scores.add(row, response, base + first if first >= 0 else -1, base + following)
+            if segment.owner >= 0:
+                token_flat.extend(range(base, base + len(segment.ids)))
+                token_rows.extend([segment.owner] * len(segment.ids))
+                token_cols.extend(segment.positions)
+            offset = end
+    real = sum(len(segment.ids) for segment in segments)
+    out: dict[str, Any] = {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids,
+                           "branch_ids": branch_ids, "num_positions": input_ids.numel(),
+                           "num_padding": input_ids.numel() - real}
+    if token_rows:  # packed: where each row's tokens sit, for per-row input embeddings (wdpo)
+        as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        out.update(token_flat=as_long(token_flat), token_rows=as_long(token_rows), token_cols=as_long(token_cols))
+    return out
+
+
 def _assemble(groups: list[tuple[list[int], list[list[int]]]], row_of, pad_token_id: int,
               layout: str, response_head: bool) -> dict[str, Any]:
     """groups: (prompt, responses) per pair / list; row_of(g, k): the scored row of response k of group g."""
@@ -109,41 +180,27 @@ def _assemble(groups: list[tuple[list[int], list[list[int]]]], row_of, pad_token
             scores.add(row, response, start - 1 if prompt else -1, start)
         batch["num_positions"] = batch["input_ids"].numel()
     else:
-        ids: list[int] = []
-        positions: list[int] = []
-        segments: list[int] = []
-        branches: list[int] = []
-
-        def put(tokens: list[int], first_position: int, segment: int, branch: int) -> int:
-            start = len(ids)
-            ids.extend(tokens)
-            positions.extend(range(first_position, first_position + len(tokens)))
-            segments.extend([segment] * len(tokens))
-            branches.extend([branch] * len(tokens))
-            return start
-
-        if layout == "packed":  # every row its own segment, causal within it
+        segments = []
+        if layout == "packed":  # every scored row its own segment, causal within it
             for row, g, k in order:
                 prompt, response = groups[g][0], groups[g][1][k]
-                start = put(prompt + response, 0, row, 0) + len(prompt)
-                scores.add(row, response, start - 1 if prompt else -1, start)
-            # Each position's (row, column) in the padded layout: per-row input embeddings (wdpo).
-            batch["token_rows"] = torch.tensor(segments, dtype=torch.long)
-            batch["token_cols"] = torch.tensor(positions, dtype=torch.long)
-        else:  # shared: prompt once (branch 0), response k on branch k + 1
+                segment = _Segment(owner=row)
+                segment.put(prompt + response, 0, 0)
+                segment.score(row, response, len(prompt) - 1 if prompt else -1, len(prompt))
+                segments.append(segment)
+        else:  # shared: the prompt once (branch 0), response k on branch k + 1 after it
             for g, (prompt, responses) in enumerate(groups):
-                prompt_end = put(prompt, 0, g, 0) + len(prompt)
+                segment = _Segment()
+                segment.put(prompt, 0, 0)
                 for k, response in enumerate(responses):
-                    start = put(response, len(prompt), g, k + 1)
-                    scores.add(row_of(g, k), response, prompt_end - 1 if prompt else -1, start)
-        batch["input_ids"] = torch.tensor([ids], dtype=torch.long)
-        batch["position_ids"] = torch.tensor([positions], dtype=torch.long)
-        batch["segment_ids"] = torch.tensor(segments, dtype=torch.long)
-        batch["branch_ids"] = torch.tensor(branches, dtype=torch.long)
-        batch["num_positions"] = len(ids)
+                    start = segment.put(response, len(prompt), k + 1)
+                    segment.score(row_of(g, k), response, len(prompt) - 1 if prompt else -1, start)
+                segments.append(segment)
+        batch.update(_pack(segments, pad_token_id, scores))
         response_head = True  # packed rows have no full-logits path
-    # Padding is what the padded layout computes beyond the rows' own tokens; packed layouts have none.
-    batch["num_padding"] = batch["num_positions"] - batch["num_tokens"] if layout == "padded" else 0
+    # Padding: positions computed beyond the rows' own tokens (packed: only the rows' tails).
+    if layout == "padded":
+        batch["num_padding"] = batch["num_positions"] - batch["num_tokens"]
     batch["lengths"] = torch.bincount(torch.tensor(scores.rows, dtype=torch.long), minlength=n_rows)
     if response_head:
         batch.update(scores.tensors())

@@ -169,8 +169,9 @@ PACKED_ATTENTION = ("sdpa", "eager")  # kernels that take the packed layouts' 4D
 
 
 def packed_attention_mask(batch: Mapping[str, Any], attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """The (1, 1, S, S) mask of a packed / shared batch (pipelines/collate.py): query i sees key j
-    iff both are in one segment, j <= i, and j is on the prompt (branch 0) or on i's own branch.
+    """The (R, 1, W, W) mask of a packed / shared batch (pipelines/collate.py): in each packed row,
+    query i sees key j iff both are in one segment, j <= i, and j is on the prompt (branch 0) or on
+    i's own branch.
 
     sdpa takes it as bool (True = attend); eager adds it to the scores (0 or the dtype's minimum).
     """
@@ -178,9 +179,9 @@ def packed_attention_mask(batch: Mapping[str, Any], attn_implementation: str, dt
         raise ValueError(f"packed layouts need attention {' or '.join(PACKED_ATTENTION)} (a 4D mask), "
                          f"not {attn_implementation!r}; use the padded layout (train.packing=false)")
     segment, branch = batch["segment_ids"], batch["branch_ids"]
-    index = torch.arange(segment.shape[0], device=segment.device)
-    allowed = ((segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])
-               & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None])))[None, None]
+    index = torch.arange(segment.shape[-1], device=segment.device)
+    allowed = ((segment[:, :, None] == segment[:, None, :]) & (index[None, None, :] <= index[None, :, None])
+               & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])))[:, None]
     if attn_implementation == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -260,13 +261,19 @@ def compute_row_logps(
     with autocast_context(input_ids.device.type, precision):
         if embeddings:
             embeds = model.get_input_embeddings()(input_ids)
-            if "token_rows" in batch:  # packed: the objective gets (N, L, d) rows, the model their packing
-                rows_at, cols_at = batch["token_rows"], batch["token_cols"]
-                shape = (batch["num_rows"], int(cols_at.max()) + 1, embeds.shape[-1])
-                embeds = embeds.new_zeros(shape).index_put((rows_at, cols_at), embeds[0])
+            packed_rows = "token_rows" in batch  # the objective gets (N, L, d) rows, the model their packing
+            if packed_rows:
+                flat, rows_at, cols_at = batch["token_flat"], batch["token_rows"], batch["token_cols"]
+                width = embeds.shape[-1]
+                shape = (batch["num_rows"], int(cols_at.max()) + 1, width)
+                embeds = embeds.new_zeros(shape).index_put((rows_at, cols_at), embeds.reshape(-1, width)[flat])
             if not embeds.requires_grad:
                 embeds = embeds.detach().requires_grad_(True)
-            kwargs["inputs_embeds"] = embeds[rows_at, cols_at][None] if "token_rows" in batch else embeds
+            if packed_rows:
+                packed = embeds.new_zeros(input_ids.numel(), width).index_put((flat,), embeds[rows_at, cols_at])
+                kwargs["inputs_embeds"] = packed.view(*input_ids.shape, width)
+            else:
+                kwargs["inputs_embeds"] = embeds
         else:
             kwargs["input_ids"] = input_ids
         if index is None:
@@ -280,13 +287,11 @@ def compute_row_logps(
             else:
                 chunk = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
                 token_logps = logps_lib.projected_label_logps(scored, head, targets, chunk)
-        else:  # the model's own head at the scored positions (packed: the index; padded: a row mask)
-            if batch.get("layout", "padded") == "padded":
-                keep = torch.zeros(input_ids.numel(), dtype=torch.bool, device=index.device)
-                keep = keep.index_fill(0, index, True).view(input_ids.shape)
-            else:
-                keep = index
-            logits = model(**kwargs, logits_to_keep=keep).logits.reshape(index.shape[0], -1)
+        else:  # the model's own head at the scored positions: a (rows, L) mask, row-major = sorted
+            unique, inverse = torch.unique(index, sorted=True, return_inverse=True)
+            keep = torch.zeros(input_ids.numel(), dtype=torch.bool, device=index.device)
+            keep = keep.index_fill(0, unique, True).view(input_ids.shape)
+            logits = model(**kwargs, logits_to_keep=keep).logits.reshape(unique.shape[0], -1)[inverse]
             if not vocab:
                 token_logps = logps_lib.label_logps(logits, targets)
     if index is None:

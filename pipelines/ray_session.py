@@ -73,8 +73,13 @@ def preserve_order() -> Iterator[None]:
 
 
 def actor_pool(concurrency: int, *, gpu: bool = False) -> dict:
-    """`map_batches` keyword arguments for a callable class on a fixed pool of `concurrency` actors,
-    each holding one CPU, and one GPU with `gpu`: the one way every stage sizes its actor pools."""
+    """`map_batches` keyword arguments for a callable class on a pool of up to `concurrency` actors,
+    each holding one CPU, and one GPU with `gpu`: the one way every stage sizes its actor pools.
+
+    The pool starts with one actor and Ray Data adds actors while batches queue, so a small input
+    (the embedded world's 256 eval pairs: one batch) does not pay for actors it cannot use; each
+    actor start is a process that loads a tokenizer or models (seconds)."""
     from ray.data import ActorPoolStrategy
 
-    return {"compute": ActorPoolStrategy(size=concurrency), "num_cpus": 1, "num_gpus": 1 if gpu else 0}
+    return {"compute": ActorPoolStrategy(min_size=1, max_size=concurrency), "num_cpus": 1,
+            "num_gpus": 1 if gpu else 0}

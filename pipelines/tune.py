@@ -349,8 +349,10 @@ def tune(cfg: TuneConfig) -> pd.DataFrame:
             tuner = ray.tune.Tuner(
                 trainable,
                 param_space=space,
+                # reuse_actors: a finished trial's driver process (torch, transformers and Ray Train
+                # already imported) runs the next trial, instead of a new process per trial.
                 tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
-                                                max_concurrent_trials=limit,
+                                                max_concurrent_trials=limit, reuse_actors=True,
                                                 trial_dirname_creator=lambda t: trial_name(t.config["objective"])),
                 run_config=ray.tune.RunConfig(
                     name=f"tune-{label}", storage_path=str(output_dir / "tune"),

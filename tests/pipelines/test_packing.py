@@ -29,30 +29,38 @@ def _rows():
 
 
 def test_shared_layout_by_hand():
-    batch = collate_lib.collate_pairs(_rows(), PAD, layout="shared")
-    # Pair 0: prompt 5 6 | chosen 7 3 | rejected 8 9 3; pair 1: prompt 10 | chosen 11 3 | rejected 3.
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 3, 8, 9, 3, 10, 11, 3, 3]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 4, 0, 1, 2, 1]]
-    assert batch["segment_ids"].tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
-    assert batch["branch_ids"].tolist() == [0, 0, 1, 1, 2, 2, 2, 0, 1, 1, 2]
-    # Rows: 0 = chosen of pair 0, 1 = chosen of pair 1, 2 = rejected of pair 0, 3 = rejected of pair 1.
-    # The last prompt token (flat 1, flat 7) predicts both responses' first tokens.
-    assert batch["score_index"].tolist() == [1, 2, 1, 4, 5, 7, 8, 7]
-    assert batch["score_targets"].tolist() == [7, 3, 8, 9, 3, 11, 3, 3]
-    assert batch["score_rows"].tolist() == [0, 0, 2, 2, 2, 1, 1, 3]
-    assert batch["score_cols"].tolist() == [0, 1, 0, 1, 2, 0, 1, 0]
-    assert batch["lengths"].tolist() == [2, 2, 3, 1]
-    # Useful tokens as an unshared forward counts them (each prompt twice): 4 + 3 + 5 + 2; no padding.
-    assert collate_lib.count_tokens(batch) == (14, 11, 0)
+    rows = _rows()
+    for side, extra in (("prompt_input_ids", [12]), ("chosen_input_ids", [3]), ("rejected_input_ids", [13])):
+        rows[side] = rows[side] + [extra]
+    batch = collate_lib.collate_pairs(rows, PAD, layout="shared")
+    # Segments: pair 0 = 5 6 | 7 3 | 8 9 3 (7 tokens), pair 1 = 10 | 11 3 | 3 (4), pair 2 = 12 | 3 | 13 (3).
+    # Rows of the longest segment's width 7, first fit decreasing: [pair 0], [pair 1, pair 2].
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 3, 8, 9, 3], [10, 11, 3, 3, 12, 3, 13]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 4], [0, 1, 2, 1, 0, 1, 1]]
+    assert batch["segment_ids"].tolist() == [[0] * 7, [1, 1, 1, 1, 2, 2, 2]]
+    assert batch["branch_ids"].tolist() == [[0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 2, 0, 1, 2]]
+    # Rows 0..2 chosen, 3..5 rejected; flat position = row * 7 + column.  The last prompt token
+    # (flat 1, 7, 11) predicts both responses' first tokens.
+    assert batch["score_index"].tolist() == [1, 2, 1, 4, 5, 7, 8, 7, 11, 11]
+    assert batch["score_targets"].tolist() == [7, 3, 8, 9, 3, 11, 3, 3, 3, 13]
+    assert batch["score_rows"].tolist() == [0, 0, 3, 3, 3, 1, 1, 4, 2, 5]
+    assert batch["score_cols"].tolist() == [0, 1, 0, 1, 2, 0, 1, 0, 0, 0]
+    assert batch["lengths"].tolist() == [2, 2, 1, 3, 1, 1]
+    # Useful tokens as an unshared forward counts them (each prompt twice); 14 computed, no padding.
+    assert collate_lib.count_tokens(batch) == (9 + 5 + 4, 14, 0)
 
 
 def test_packed_and_padded_layouts_by_hand():
     packed = collate_lib.collate_pairs(_rows(), PAD, layout="packed")
-    assert packed["input_ids"].tolist() == [[5, 6, 7, 3, 10, 11, 3, 5, 6, 8, 9, 3, 10, 3]]
-    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]
-    assert packed["segment_ids"].tolist() == [0] * 4 + [1] * 3 + [2] * 5 + [3] * 2
-    assert packed["score_index"].tolist() == [1, 2, 4, 5, 8, 9, 10, 12]
-    assert collate_lib.count_tokens(packed) == (14, 14, 0)
+    # Rows 5 6 7 3 | 10 11 3 | 5 6 8 9 3 | 10 3 into width 5: [rejected 0], [chosen 0], [chosen 1, rejected 1].
+    assert packed["input_ids"].tolist() == [[5, 6, 8, 9, 3], [5, 6, 7, 3, PAD], [10, 11, 3, 10, 3]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert packed["segment_ids"][1, 4] < 0 and packed["segment_ids"][2].tolist() == [1, 1, 1, 3, 3]
+    assert packed["score_index"].tolist() == [1, 2, 3, 6, 7, 10, 11, 13]
+    assert packed["score_rows"].tolist() == [2, 2, 2, 0, 0, 1, 1, 3]
+    assert packed["token_rows"].tolist() == [2] * 5 + [0] * 4 + [1] * 3 + [3] * 2
+    assert packed["token_flat"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14]
+    assert collate_lib.count_tokens(packed) == (14, 15, 1)
     padded = collate_lib.collate_pairs(_rows(), PAD, response_head=True)
     # Width 5: row n's token t is flat n * 5 + t.
     assert padded["score_index"].tolist() == [1, 2, 5, 6, 11, 12, 13, 15]
@@ -63,7 +71,9 @@ def test_packed_and_padded_layouts_by_hand():
 def test_shared_mask_by_hand():
     batch = collate_lib.collate_pairs({"prompt_input_ids": [[5, 6]], "chosen_input_ids": [[7]],
                                        "rejected_input_ids": [[8, 9]]}, PAD, layout="shared")
-    mask = model_lib.packed_attention_mask(batch, "sdpa", torch.float32)[0, 0].int().tolist()
+    mask = model_lib.packed_attention_mask(batch, "sdpa", torch.float32)
+    assert mask.shape == (1, 1, 5, 5)
+    mask = mask[0, 0].int().tolist()
     # tokens: p p c r r -- the responses see the prompt and themselves, never each other.
     assert mask == [[1, 0, 0, 0, 0],
                     [1, 1, 0, 0, 0],
@@ -80,8 +90,8 @@ def test_shared_lists_put_each_prompt_once():
     rows = {"prompt_input_ids": [[5], [6, 7]], "responses_input_ids": [[[8, 3], [9, 3]], [[3], [10, 11, 3]]],
             "scores": [[1.0, 0.0], [0.0, 2.0]]}
     batch = collate_lib.collate_lists(rows, PAD, layout="shared")
-    assert batch["input_ids"].tolist() == [[5, 8, 3, 9, 3, 6, 7, 3, 10, 11, 3]]
-    assert batch["branch_ids"].tolist() == [0, 1, 1, 2, 2, 0, 0, 1, 2, 2, 2]
+    assert batch["input_ids"].tolist() == [[6, 7, 3, 10, 11, 3], [5, 8, 3, 9, 3, PAD]]
+    assert batch["branch_ids"].tolist() == [[0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0]]
     assert batch["lengths"].tolist() == [2, 2, 1, 3]  # row b*K + k
 
 

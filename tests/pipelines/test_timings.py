@@ -48,3 +48,19 @@ def test_the_run_report_section_lists_the_chain_and_the_mean_trial():
     assert "mean of 2" in text and "| worker steps | 3.0 |" in text and "| sampling and scoring | 5.0 |" in text
     assert "| total | 9.0 |" in text
     assert "One trial" not in timings_lib.markdown({**run, "children": {}})
+
+
+def test_a_fit_splits_into_the_worker_phases_and_ray_trains_own_time():
+    from pipelines.train import split_fit
+
+    t = timings_lib.Timings("train")
+    worker = {"phases": {"start": 2.0, "setup": 1.0, "steps": 3.0}, "created_at": 105.0, "reported_at": 111.5}
+    split_fit(t, 100.0, 113.0, worker)
+    phases = t.report()["phases"]
+    assert phases["worker start"] == 2.0 and phases["worker steps"] == 3.0
+    assert phases["Ray Train start-up (controller, worker group)"] == 5.0  # 105 - 100
+    assert phases["Ray Train last report and teardown"] == 1.5  # 113 - 111.5
+    assert phases["Ray Train reports, other"] == pytest.approx(13.0 - 6.0 - 5.0 - 1.5)
+    bare = timings_lib.Timings("train")
+    split_fit(bare, 0.0, 4.0, None)  # no checkpoint: the whole fit is Ray Train's
+    assert bare.report()["phases"] == {"Ray Train reports, other": 4.0}
