@@ -361,7 +361,10 @@ def evaluate(cfg: EvaluateConfig) -> pd.DataFrame:
     with timings.phase("Ray session"):
         ensure_ray()
     gpu = _gpu_actors(cfg)
-    models = [("ref", cfg.reference)] + [(f"ckpt{i}", path) for i, (_, path) in enumerate(checkpoints)]
+    # A checkpoint that is the reference itself (run's baseline row) reuses the reference's columns.
+    same = {i for i, (_, path) in enumerate(checkpoints) if Path(path).resolve() == Path(cfg.reference).resolve()}
+    models = [("ref", cfg.reference)] + [(f"ckpt{i}", path) for i, (_, path) in enumerate(checkpoints)
+                                         if i not in same]
     with preserve_order():
         with timings.phase("pair log-probs (every model, every pair)"):
             ds = ray.data.read_parquet(schema.split_files(cfg.data, cfg.split))
@@ -373,6 +376,10 @@ def evaluate(cfg: EvaluateConfig) -> pd.DataFrame:
         with timings.phase("shift levels"):
             columns = ["prompt"] + [f"{p}_{s}_logps" for p, _ in models for s in ("chosen", "rejected")]
             level_rows = shift_pair_rows(ds, levels, columns, cfg.shift_seed)
+            for table in level_rows.values():
+                for i in same:
+                    for side in ("chosen", "rejected"):
+                        table[f"ckpt{i}_{side}_logps"] = table[f"ref_{side}_logps"]
         samples = None
         if cfg.generation.enabled:
             with timings.phase("sampling and scoring"):
