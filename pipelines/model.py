@@ -1,11 +1,13 @@
-"""Policy and reference models, batch collation, and the one concatenated forward per micro-batch.
+"""Policy and reference models and the one forward per micro-batch: rows -> summed log-probs.
 
-A micro-batch of B pairs becomes 2B right-padded rows `prompt + response` (chosen rows 0..B-1, then
-rejected rows B..2B-1; OBJECTIVES.md section 1) with labels -100 on prompt and padding; a listwise
-micro-batch of B prompts x K responses becomes B*K rows (row b*K + k).  One forward gives every
-row's summed response log-prob through `robust_objectives.logps` (the only logits -> log-prob
-code), plus, only when the objective needs them, per-position vocabulary log-probs (TDPO, Ra-DPO)
-or the input-embedding tensor kept in the graph (WDPO's double backward).
+A collated micro-batch (pipelines/collate.py: 2B rows of pairs, chosen rows then rejected rows, or
+B*K rows of lists, padded or packed with each prompt once) takes one forward per model.  With the
+response-only head's addresses in the batch, only the hidden states that predict a response token
+are projected to the vocabulary (chunked; `head_is_plain` checks that the head is a plain
+projection, else the model's own `logits_to_keep` path is used); without them the full (N, L, V)
+logits go through `robust_objectives.logps` (the plain path).  Log-probs are fp32 either way, plus,
+only when the objective needs them, per-position vocabulary log-probs (TDPO, Ra-DPO) or the
+input-embedding rows kept in the graph (WDPO's double backward).
 
 With LoRA (peft) the reference is the same module with its adapters disabled
 (`with model.disable_adapter()` under no_grad): no second copy of the weights.
@@ -23,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-import numpy as np
 import pyarrow as pa
 import torch
 

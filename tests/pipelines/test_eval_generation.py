@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from pipelines import collate as collate_lib
-from pipelines import model as model_lib
 from pipelines.evaluate.generation import exact_token_kl, left_pad, sample_uniforms, sample_with_kl
 from pipelines.world.toy_models import build_tiny_causal_lm
 from teacher_forcing import response_logps, teacher_forced_kl
