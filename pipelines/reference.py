@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -112,12 +113,16 @@ def compute_reference_dataset(cfg: ReferenceCacheConfig) -> Path:
 
     Every source file becomes a file of the same name with the reference columns appended, rows in
     the source order, so the cache reads exactly like its source."""
+    from pipelines.timings import Timings
+
+    timings = Timings("reference")
     manifest = schema.read_manifest(cfg.data)
     target = cache_path(cfg)
     if (target / REFERENCE_INFO).is_file():
         say("reference", f"reusing cached reference log-probs at {target}")
         return target
-    ensure_ray()
+    with timings.phase("Ray session"):
+        ensure_ray()
     listwise = manifest.get("format") == "listwise"
     staging = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -141,6 +146,7 @@ def compute_reference_dataset(cfg: ReferenceCacheConfig) -> Path:
     kind = pa.list_(pa.float64()) if listwise else pa.float64()
     columns = {c: kind for c in _reference_columns(listwise)}
     roots = {split: schema.split_dir(cfg.data, split).resolve() for split in splits}
+    started = time.perf_counter()
     try:
         for (split, source), values in zip(files, row_order.rows_by_file(ds, len(files))):
             table = row_order.put_back(pq.read_table(source), values, columns=columns, source=source,
@@ -151,6 +157,7 @@ def compute_reference_dataset(cfg: ReferenceCacheConfig) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    timings.add("log-probs and write (streamed together)", time.perf_counter() - started)
     for split in splits:
         (staging / split).mkdir(parents=True, exist_ok=True)  # an empty split keeps its folder
     fields = {k: v for k, v in manifest.items() if k not in ("kind", "version")}
@@ -161,6 +168,7 @@ def compute_reference_dataset(cfg: ReferenceCacheConfig) -> Path:
     if stats.is_file():
         shutil.copy(stats, staging / schema.STATS_FILE)
     (staging / REFERENCE_INFO).write_text(json.dumps({"dataset": str(cfg.data), "model": cfg.model}, indent=2))
+    timings.write(staging)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():  # a concurrent run finished first; keep its copy
         shutil.rmtree(staging)

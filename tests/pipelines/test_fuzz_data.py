@@ -488,9 +488,10 @@ def written_rows(out) -> list[dict]:
 
 
 def output_files(out) -> dict[str, bytes]:
-    """The stage's outputs except the manifest (whose only run-specific field is none, but it names paths)."""
+    """The stage's outputs except the manifest (whose only run-specific field is none, but it names
+    paths) and timings.json (wall-clock: the one file that differs between equal runs)."""
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != schema.MANIFEST_FILE}
+            if p.is_file() and p.name not in (schema.MANIFEST_FILE, "timings.json")}
 
 
 def _tokenizer(path):
