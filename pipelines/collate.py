@@ -8,14 +8,17 @@ test_packing.py holds every layout to the plain one at 1e-5 relative):
 
 - "padded": N right-padded rows (N, L), a 2D attention mask, `labels` with -100 on prompt and
   padding (the plain path; every position of every row is computed).
-- "packed": the N rows end to end in one row (1, S), no padding; position ids restart per row and
-  attention is block-diagonal causal (a 4D mask built on the device by `model.packed_attention_mask`).
-  `token_rows` / `token_cols` (S,) place each position in the padded layout, so an objective that
-  differentiates with respect to each row's input embeddings (wdpo) can still have them per row.
-- "shared": one segment per pair (or list): the prompt once, then each response; a response attends
-  to the prompt and to itself, never to a sibling response, and its position ids continue from the
-  prompt's end, so each response sees exactly what it sees in its own row.  The prompt's forward
-  is paid once per pair instead of twice (K times for lists).
+- "packed": each row a segment of its own; segments are packed first-fit-decreasing into R rows
+  (R, W) of the longest segment's width W (only the rows' tails are padding, and attention is never
+  longer than a sequence); position ids restart per segment and attention is block-diagonal causal
+  (a 4D mask built on the device by `model.packed_attention_mask` from `segment_ids` /
+  `branch_ids`).  `token_flat` / `token_rows` / `token_cols` place each real position in the padded
+  layout, so an objective that differentiates with respect to each row's input embeddings (wdpo)
+  still has them per row.
+- "shared": one segment per pair (or list), packed the same way: the prompt once, then each
+  response; a response attends to the prompt and to itself, never to a sibling response, and its
+  position ids continue from the prompt's end, so each response sees exactly what it sees in its own
+  row.  The prompt's forward is paid once per pair instead of twice (K times for lists).
 
 Every layout also carries the response-only head's addresses: `score_index` (M,) the flat
 positions (into input_ids.reshape(-1)) whose hidden state predicts a scored token, `score_targets`
