@@ -68,9 +68,9 @@ def test_smoke_two_workers_writes_metrics_checkpoints_and_a_loadable_model(run_a
     for column in REQUIRED_COLUMNS:
         assert column in frame.columns and frame[column].notna().all(), column
     assert (frame["eval/pairs"] == 6).all() and (frame["pairs"] == 8).all()
-    # Packed rows (the default, train.packing=true): nothing computed on padding, each prompt once,
-    # so fewer positions are computed than the useful tokens an unshared forward counts.
-    assert (frame["padding_fraction"] == 0).all() and (frame["positions"] < frame["tokens"]).all()
+    # Packed rows (the default, train.packing=true): padding only at the packed rows' tails, each
+    # prompt once, so fewer positions are computed than the useful tokens an unshared forward counts.
+    assert frame["padding_fraction"].between(0, 1).all() and (frame["positions"] < frame["tokens"]).all()
     assert (frame["tokens_per_s"] > 0).all() and (frame["lr"] == 0.02).all()
     # Implicit rewards are beta * (policy - reference) log-ratios; margins = chosen - rejected.
     assert frame["rewards/margins"].to_numpy() == pytest.approx(
@@ -116,8 +116,11 @@ def test_worker_restart_and_driver_resume_match_an_uninterrupted_run(run_a, runs
 def test_the_plain_padded_path_trains_the_same_run(run_a, ray_session, tiny_model_dir, pairs_dataset, tmp_path):
     plain = train(_config(tiny_model_dir, pairs_dataset, tmp_path / "d", "train.packing=false"))
     a, d = (pd.read_csv(r.output_dir / "metrics.csv") for r in (run_a, plain))
-    for column in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "eval/loss", "kldpo/weight_max"):
+    for column in ("loss", "grad_norm", "logps/chosen", "eval/loss", "kldpo/weight_max"):
         assert d[column].to_numpy() == pytest.approx(a[column].to_numpy(), rel=1e-5, abs=1e-7), column
+    # Margins are beta x differences of summed fp32 log-probs (|log p| about 20): their rounding is
+    # absolute, about 1e-6 x 20 x beta, not relative to the small margin itself.
+    assert d["rewards/margins"].to_numpy() == pytest.approx(a["rewards/margins"].to_numpy(), abs=1e-5)
     assert d["tokens"].tolist() == a["tokens"].tolist()  # the same useful tokens
-    assert ((d["padding_fraction"] > 0) & (d["padding_fraction"] < 1)).all()
+    assert ((d["padding_fraction"] > a["padding_fraction"]) & (d["padding_fraction"] < 1)).all()
     assert (d["positions"] > a["positions"]).all()
