@@ -49,12 +49,13 @@ def trained(seed: int, steps: int):
 
 def test_checkpoints_round_trip_through_weights_only_loads(tmp_path):
     model, optimizer, scheduler = trained(seed=0, steps=3)
-    train_state.save_checkpoint(tmp_path, model, optimizer, scheduler, step=3, history=[{"loss": 1.0}], rank=0)
+    train_state.save_checkpoint(tmp_path, model, optimizer, scheduler, step=3, history=[{"loss": 1.0}], rank=0,
+                                timings={"stage": "worker", "phases": {"steps": 0.5}})
     for name in (train_state.TRAINABLE_FILE, train_state.OPTIMIZER_FILE):  # plain tensors and values only
         torch.load(tmp_path / name, map_location="cpu", weights_only=True)
     fresh, fresh_optimizer, fresh_scheduler = trained(seed=1, steps=0)
     state = train_state.load_checkpoint(tmp_path, fresh, fresh_optimizer, fresh_scheduler)
-    assert state == {"step": 3, "history": [{"loss": 1.0}]}
+    assert state == {"step": 3, "history": [{"loss": 1.0}], "timings": {"stage": "worker", "phases": {"steps": 0.5}}}
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
     assert fresh_scheduler.last_epoch == 3 and fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
     # The restored run continues exactly as the original (same Adam moments, same schedule).
