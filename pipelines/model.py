@@ -241,7 +241,7 @@ def compute_row_logps(
         batch: collate_pairs / collate_lists output moved to the model's device.
         vocab: also return per-position vocabulary log-probs over the response span.
         embeddings: feed `inputs_embeds = model.get_input_embeddings()(input_ids)` and return it
-            as (N, L, d) rows (a packed batch's rows are gathered into its one packed row, so d loss /
+            as (N, L, d) rows (a packed batch's rows are gathered into its packed rows, so d loss /
             d rows is per row); if the embedding layer is frozen (LoRA) the tensor is made a leaf
             requiring grad, so d loss / d embeddings still exists (WDPO).
         precision: "fp32" or "bf16" (autocast).

@@ -122,13 +122,13 @@ def prepare_data(cfg: DataConfig) -> DataResult:
             raw = {name: read_raw(source, files) for name, files in splits.items()}  # [2] (file, row, record)
             input_format = cfg.format if cfg.format != "auto" else _detect(raw, cfg.dataset)
             fmt = output_format(input_format)
-            prepared = _per_split(raw, lambda ds: ds.map_batches(  # [3] normalise + validate + tokenise, once
+            prepared = _per_split(raw, lambda ds, _: ds.map_batches(  # [3] normalise + validate + tokenise, once
                 PrepareRows, batch_format="pyarrow", batch_size=cfg.batch_size, **actor_pool(cfg.concurrency),
                 fn_constructor_kwargs=dict(tokenizer_path=cfg.tokenizer, input_format=input_format,
                                            max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length),
             ).materialize())
         with timings.phase("counts and errors"):
-            summary = _per_split(prepared, _summarize)  # [4] counts and errors
+            summary = _per_split(prepared, lambda ds, _: _summarize(ds))  # [4] counts and errors
         stats = _stats(summary, input_format, fmt)
         rejected_path = _write_rejected(out, prepared) if stats["rows_rejected"] else None
         _write_json(out / schema.STATS_FILE, stats)
@@ -148,7 +148,7 @@ def prepare_data(cfg: DataConfig) -> DataResult:
             if name in cfg.shift_splits and parsed_shifts:
                 valid[name] = shift_lib.apply_shifts(valid[name], parsed_shifts, seed=cfg.seed)
         with timings.phase("shift and write"):
-            written = _per_split(valid, lambda ds, name: _write_split(ds, out / name), named=True)  # [7] write
+            written = _per_split(valid, lambda ds, name: _write_split(ds, out / name))  # [7] write
     stats["rows_written"] = written
     _write_json(out / schema.STATS_FILE, stats)
     manifest_fields = dict(
@@ -163,16 +163,14 @@ def prepare_data(cfg: DataConfig) -> DataResult:
                       rejected_rows=rejected_path, splits=written)
 
 
-def _per_split(datasets: dict, fn, named: bool = False) -> dict:
-    """fn(dataset) (or fn(dataset, split name)) for every split, the splits' Ray Data executions run
-    side by side (one thread each): a small split's actor start and task scheduling then overlap
-    the other's instead of adding to it.  Results in the splits' order."""
+def _per_split(datasets: dict, fn) -> dict:
+    """fn(dataset, split name) for every split, the splits' Ray Data executions run side by side
+    (one thread each): a small split's actor start and task scheduling then overlap the other's
+    instead of adding to it.  Results in the splits' order."""
     from concurrent.futures import ThreadPoolExecutor
 
-    if len(datasets) < 2:
-        return {name: fn(ds, name) if named else fn(ds) for name, ds in datasets.items()}
-    with ThreadPoolExecutor(max_workers=len(datasets)) as pool:
-        futures = {name: pool.submit(fn, ds, name) if named else pool.submit(fn, ds) for name, ds in datasets.items()}
+    with ThreadPoolExecutor(max_workers=max(1, len(datasets))) as pool:
+        futures = {name: pool.submit(fn, ds, name) for name, ds in datasets.items()}
         return {name: future.result() for name, future in futures.items()}
 
 

@@ -154,14 +154,19 @@ def read_training_tables(cfg: TrainConfig) -> dict[str, Any]:
     objective reads only)."""
     info = tc.inspect_dataset(cfg)
     columns = _read_columns(info, cfg, info.columns)
-    splits = [cfg.data.train_split] + ([info.eval_split] if info.eval_split else [])
-    return {split: read_split(cfg.data.path, split, columns) for split in splits}
+    return {split: read_split(cfg.data.path, split, columns) for split in _splits(cfg, info).values()}
+
+
+def _splits(cfg: TrainConfig, info: tc.DatasetInfo) -> dict[str, str]:
+    """Trainer dataset name -> split folder: train, and eval when the dataset has one."""
+    return {"train": cfg.data.train_split, **({"eval": info.eval_split} if info.eval_split else {})}
 
 
 def build_trainer(cfg: TrainConfig, output_dir: Path, info: tc.DatasetInfo, plan: RunPlan, data_path: Path,
-                  callbacks: Sequence[Any] = (), progress: Any = None, timings: Any = None,
+                  timings: Any, callbacks: Sequence[Any] = (), progress: Any = None,
                   tables: Mapping[str, Any] | None = None):
-    """The TorchTrainer of a checked run (`prepare_run`).  `callbacks` go to RunConfig (Tune adds
+    """The TorchTrainer of a checked run (`prepare_run`), in `train`'s Ray session.  `timings` (the
+    stage's Timings) gets the data phase; `callbacks` go to RunConfig (Tune adds
     TuneReportCallback); `progress` is a ray.util.queue.Queue rank 0 puts report rows on; `tables`
     are splits already read (split name -> Arrow table, as `read_split` gives; a sweep reads them
     once for all its trials).  Storage: `output_dir`/checkpoints, a fixed name, so rerunning with
@@ -171,20 +176,12 @@ def build_trainer(cfg: TrainConfig, output_dir: Path, info: tc.DatasetInfo, plan
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.ray_session import ensure_ray
-
-    if timings is None:
-        from pipelines.timings import Timings
-
-        timings = Timings("train")
-    ensure_ray()
     if cfg.train.use_gpu and not os.environ.get("RAY_ADDRESS") and ray.cluster_resources().get("GPU", 0) < 1:
         raise UserError("train.use_gpu=true but this Ray session has no GPU; set train.use_gpu=false")
     data_started = time.perf_counter()
     columns = _read_columns(info, cfg, info.columns)
-    splits = {"train": cfg.data.train_split, **({"eval": info.eval_split} if info.eval_split else {})}
     datasets = {}
-    for name, split in splits.items():
+    for name, split in _splits(cfg, info).items():
         # Tokenised ids are small: the split goes into the object store once, as Arrow blocks, so
         # each epoch and each evaluation on every worker streams them (no read tasks per epoch).
         # Read here with pyarrow (the driver already reads the manifest from this path): Ray Data's
@@ -307,8 +304,8 @@ def train(cfg: TrainConfig, output_dir: str | Path | None = None, callbacks: Seq
         printer = threading.Thread(target=_print_progress, args=(queue, start_step, plan.total_steps), daemon=True)
     if cfg.reference.mode == "precomputed":
         tables = None
-    trainer = build_trainer(cfg, output_dir, info, plan, data_path, callbacks=callbacks, progress=queue,
-                            timings=timings, tables=tables)
+    trainer = build_trainer(cfg, output_dir, info, plan, data_path, timings, callbacks=callbacks, progress=queue,
+                            tables=tables)
     if printer is not None:
         printer.start()
     error = None

@@ -148,16 +148,17 @@ class WorkerState:
 
 
 def worker_timings():
-    """The worker's Timings, with `start` = seconds from its process's creation to the train
-    function (Ray's actor start, imports, the worker group's setup)."""
+    """(the worker's Timings, its process's creation time in epoch seconds); the Timings starts with
+    `start` = seconds from that creation to the train function (Ray's actor start, imports, the
+    worker group's setup)."""
     import psutil
 
     from pipelines.timings import Timings
 
     timings = Timings("worker")
-    timings.created_at = psutil.Process().create_time()
-    timings.add("start", max(0.0, time.time() - timings.created_at))
-    return timings
+    created_at = psutil.Process().create_time()
+    timings.add("start", max(0.0, time.time() - created_at))
+    return timings, created_at
 
 
 def train_fn_per_worker(loop_config: dict) -> None:
@@ -171,7 +172,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
     from pipelines.train import state as train_state
     from pipelines.train import step as step_lib
 
-    timings = worker_timings()
+    timings, created_at = worker_timings()
     cfg = build_train_config(loop_config["config"])  # [1] typed config, first line (G6)
     plan = RunPlan(**loop_config["plan"])
     progress = loop_config.get("progress")  # a ray.util.queue.Queue the driver prints from, or None
@@ -241,7 +242,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
                     with timings.phase("evaluation"):
                         row.update(step_lib.evaluate(policy, reference, batches, ctx))
                 state.history.append(row)
-                state.timings = {**timings.report(), "created_at": timings.created_at, "reported_at": time.time()}
+                state.timings = {**timings.report(), "created_at": created_at, "reported_at": time.time()}
                 with timings.phase("checkpoints"):
                     _report(state, row, cfg, final=state.step == plan.total_steps, rank=rank)
                 if progress is not None and rank == 0:
