@@ -34,6 +34,7 @@ import dataclasses
 import inspect
 import io
 import json
+import math
 import operator
 import textwrap
 import tokenize
@@ -45,6 +46,7 @@ from typing import Any, Mapping, NamedTuple, Sequence, TypeVar
 import yaml
 
 from pipelines.errors import UserError
+from pipelines.paths import write_text_atomic
 
 T = TypeVar("T")
 CATCH_ALL = "robust_dpo_catch_all"  # field metadata key of the catch_all() dict field
@@ -120,10 +122,57 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+class _Typed:
+    """A `key=value` override that YAML reads as no string (a number, a boolean, a list, ...), with
+    the text it was typed as.  A str key takes the text (`split=007` is "007", `entity=no` is "no",
+    not 7 or False), a list key splits it (`group_alphas=0.5` is [0.5]), a Literal takes it when it
+    is one of the choices (`use_gpu=true`), a number key reads it as Python does when it can
+    (`batch_size=010` is 10, not YAML 1.1's octal 8); every other key takes the YAML value."""
+
+    __slots__ = ("value", "text")
+
+    def __init__(self, value: Any, text: str) -> None:
+        self.value, self.text = value, text
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _untyped(value: Any) -> Any:
+    """`value` with every `_Typed` replaced by its YAML value (for dict and Any keys)."""
+    if isinstance(value, _Typed):
+        return value.value
+    if isinstance(value, Mapping):
+        return {k: _untyped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_untyped(v) for v in value]
+    return value
+
+
+def _from_text(value: _Typed, tp: Any) -> Any:
+    """What a `_Typed` override is for annotation `tp` (see `_Typed`)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is str or (origin is typing.Literal and value.value not in args and value.text in args):
+        return value.text
+    if (origin in (list, tuple, Sequence) or tp in (list, tuple)) and not isinstance(value.value, list):
+        return value.text
+    for number in (int, float):
+        if tp is number:
+            try:
+                return number(value.text)
+            except ValueError:
+                pass
+    return value.value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and gently coerce) `value` against the annotation `tp`; raise UserError naming `key`."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, _Typed) and origin not in (typing.Union, types.UnionType):
+        value = _from_text(value, tp)
+    elif tp is Any or origin is dict or tp is dict:
+        value = _untyped(value)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
@@ -147,7 +196,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
         from_mapping = getattr(tp, "from_mapping", None)
-        return from_mapping(value) if from_mapping else build(tp, value, prefix=key)
+        return from_mapping(_untyped(value)) if from_mapping else build(tp, value, prefix=key)
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v != ""]
@@ -180,16 +229,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise UserError(f"config key '{key}': expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, bool):
-            raise UserError(f"config key '{key}': expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
-            except ValueError:
+                number = float(value)
+            except (ValueError, OverflowError):  # OverflowError: an int too large for a float
                 pass
-        raise UserError(f"config key '{key}': expected a number, got {value!r}")
+        if number is None or not math.isfinite(number):  # nan and inf are never a setting
+            raise UserError(f"config key '{key}': expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -214,15 +262,21 @@ def build(cls: type[T], values: Mapping[str, Any] | None = None, prefix: str = "
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     rest = next((name for name, f in fields.items() if f.metadata.get(CATCH_ALL)), None)
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(set(values) - set(fields), key=str)  # str: YAML mapping keys need not be strings
     if unknown and rest is not None:
         extra = {name: values.pop(name) for name in unknown}
+        if not isinstance(values.get(rest) or {}, Mapping):
+            raise UserError(f"config key '{_key(prefix, rest)}': expected a mapping, got {values[rest]!r}")
         values[rest] = deep_merge(values.get(rest) or {}, extra)
     elif unknown:
         raise UserError(
-            f"unknown config key '{_key(prefix, unknown[0])}'; valid keys{' under ' + repr(prefix) if prefix else ''}: "
+            f"unknown config key {_key(prefix, unknown[0])!r}; valid keys{' under ' + repr(prefix) if prefix else ''}: "
             f"{', '.join(sorted(fields))}"
         )
+    schema = fields[rest].metadata.get("schema") if rest is not None else None
+    if schema is not None and isinstance(values.get(rest), Mapping):
+        valid = sorted(set(fields) - {rest} | {f.name for f in dataclasses.fields(schema)})
+        values[rest] = _check_keys(schema, values[rest], prefix, valid)
     kwargs = {}
     for name, f in fields.items():
         key = _key(prefix, name)
@@ -240,28 +294,74 @@ def build(cls: type[T], values: Mapping[str, Any] | None = None, prefix: str = "
         raise UserError(f"config {prefix or cls.__name__}: {exc}") from exc
 
 
+def _check_keys(cls: type, values: Mapping[str, Any], prefix: str, valid: Sequence[str] | None = None) -> dict[str, Any]:
+    """The keys of a catch-all of config class `cls`, checked and coerced one by one without building
+    `cls`: an unknown key or a value of the wrong type fails here (tune's `--print-config` too), while
+    required keys and `__post_init__` rules wait for the whole config (a trial's own keys complete
+    it).  A `from_mapping` section is left to that build: its keys depend on its values."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for name, value in values.items():
+        key = _key(prefix, name)
+        if name not in names:
+            raise UserError(f"unknown config key {key!r}; valid keys{' under ' + repr(prefix) if prefix else ''}: "
+                            f"{', '.join(valid or sorted(names))}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
+            out[name] = _untyped(value) if hasattr(tp, "from_mapping") else _check_keys(tp, value, key)
+        else:
+            out[name] = _coerce(value, tp, key)
+    return out
+
+
 # [2] Sources: YAML, dot-list overrides, flags -------------------------------------------------------
 
 
+def _plain(value: Any) -> bool:
+    """Whether a YAML value is one a config can hold (and --print-config print): no dates, bytes or sets."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, list):
+        return all(map(_plain, value))
+    return isinstance(value, dict) and all(_plain(k) and not isinstance(k, list) for k in value) and all(
+        map(_plain, value.values()))
+
+
+def _override_value(raw: str) -> Any:
+    """The value of one override: YAML, with its text kept where YAML reads no string (see `_Typed`)."""
+    if raw == "":
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
+        return raw  # no YAML, or none Python holds (an int over 4300 digits, nesting past the recursion limit)
+    if not _plain(value):
+        return raw  # a date, !!binary, !!set, ...: no config value is one; the text as typed
+    return value if value is None or isinstance(value, str) else _Typed(value, raw)
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """Turn ['a.b=1', 'c=x'] into {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML scalars."""
+    """Turn ['a.b=1', 'c=x'] into {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML scalars, and a
+    later override of a key wins over an earlier one."""
     tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise UserError(f"override '{item}' is not of the form key=value")
+            raise UserError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        if not key:
-            raise UserError(f"override '{item}' has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = tree
         parts = key.split(".")
+        if "" in parts:
+            raise UserError(f"override {item!r} has an empty key" + (f" part in {key!r}" if key else ""))
+        if not key.isprintable() or any(ch.isspace() for ch in key):
+            raise UserError(f"override {item!r}: the key {key!r} holds a space or an unprintable character")
+        value = _override_value(raw)
+        node = tree
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UserError(f"override '{item}' conflicts with an earlier override of '{part}'")
+                raise UserError(f"override {item!r} conflicts with an earlier override of '{part}'")
         node[parts[-1]] = value
     return tree
 
@@ -291,11 +391,29 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def _lift(tree: dict[str, Any], section: str | None) -> dict[str, Any]:
-    """{section: {a: 1}, b: 2} -> {a: 1, b: 2}: a stage's keys may carry the stage's name."""
+    """{section: {a: 1}, b: 2} -> {a: 1, b: 2}: a stage's keys may carry the stage's name (not both
+    spellings of one key: which one was meant is not for the loader to guess)."""
     if section is None or not isinstance(tree.get(section), Mapping):
         return tree
     rest = dict(tree)
-    return deep_merge(rest.pop(section), rest)
+    inner = rest.pop(section)
+    both = _overlap(inner, rest)
+    if both is not None:
+        raise UserError(f"config key {both!r} is given twice, as {section + '.' + both!r} and {both!r}")
+    return deep_merge(inner, rest)
+
+
+def _overlap(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> str | None:
+    """The first dotted key both mappings set (a mapping in both is looked into), or None."""
+    for k in a:
+        if k in b:
+            key = _key(prefix, str(k))
+            if not (isinstance(a[k], Mapping) and isinstance(b[k], Mapping)):
+                return key
+            inner = _overlap(a[k], b[k], key)
+            if inner is not None:
+                return inner
+    return None
 
 
 def _is_set(tree: Mapping[str, Any], key: str) -> bool:
@@ -361,7 +479,7 @@ def dump(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (the run's record of what it did)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False))
 
 
 # [3] Describing the keys (for --help) ----------------------------------------------------------------

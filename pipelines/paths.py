@@ -19,12 +19,13 @@ first folder `runs` exists here, or more than one `/`) is an error naming the ke
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterator
 
 from pipelines.errors import UserError
 
@@ -54,7 +55,8 @@ def looks_local(value: str, cwd: Path) -> bool:
         return True
     if not _HUB_ID.match(value):
         return True  # no slash, or several: `runs/a/b` is no Hub id
-    return (cwd / value.split("/", 1)[0]).is_dir()
+    first = cwd / value.split("/", 1)[0]
+    return _exists(first) and first.is_dir()
 
 
 def resolve_path(value: str, kind: str, key: str, cwd: str | Path | None = None, strict: bool = True) -> str:
@@ -67,18 +69,28 @@ def resolve_path(value: str, kind: str, key: str, cwd: str | Path | None = None,
     """
     if not value or is_uri(value):
         return value
+    if "\x00" in value:  # no file system takes one (os calls raise ValueError)
+        raise UserError(f"config key '{key}': path {value!r} holds a NUL byte")
     cwd = Path(cwd or os.getcwd())
     given = Path(value).expanduser()
     path = (given if given.is_absolute() else cwd / given).resolve()
     if kind == OUTPUT:
         return str(path)
-    if path.exists():
+    if _exists(path):
         return str(path)
     if kind in (MODEL, DATASET) and not looks_local(value, cwd):
         return value  # a Hub id
     if not strict:
         return str(path)
-    raise UserError(f"config key '{key}': path '{value}' does not exist (resolved against {cwd})")
+    raise UserError(f"config key '{key}': path {value!r} does not exist (resolved against {cwd})")
+
+
+def _exists(path: Path) -> bool:
+    """`path.exists()`, False for a name the file system refuses (too long, ...) instead of OSError."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_reward(value: str, key: str, cwd: str | Path | None = None, strict: bool = True) -> str:
@@ -140,7 +152,7 @@ def _resolve_one(value: str, kind: str, key: str, cwd, strict: bool) -> str:
     if kind == REWARD:
         return resolve_reward(value, key, cwd, strict)
     name, eq, path = value.partition("=")
-    if eq and kind == INPUT and "/" not in name and not Path(value).exists():
+    if eq and kind == INPUT and "/" not in name and not _exists(Path(value)):
         return f"{name}={resolve_path(path, kind, key, cwd, strict)}"  # evaluate's --checkpoint NAME=PATH
     return resolve_path(value, kind, key, cwd, strict)
 
@@ -156,3 +168,25 @@ def _kind_of(tp: Any) -> PathKind | None:
         if kind is not None:
             return kind
     return None
+
+
+# --- Writing: a file is whole or absent -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside `path` (same suffix, so writers that go by it still do) that is
+    renamed onto `path` when the block ends without error: a reader, or a resume after a kill,
+    sees the old file or the new one, never a part of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

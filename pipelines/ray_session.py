@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -45,6 +46,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
             log_to_driver=log_to_driver,
             configure_logging=True,
             logging_level="WARNING",
+            **_own_api_server(),
         )
     from ray.data import DataContext
 
@@ -52,6 +54,29 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     data_context.enable_progress_bars = console.verbose()
     data_context.print_on_execution_start = console.verbose()
     console.quiet_ray(os.environ.get("ROBUST_DPO_LOG_DIR") or Path(tempfile.gettempdir()) / "robust-dpo-logs")
+
+
+_API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+_OWNED_ENV = "ROBUST_DPO_OWN_API_SERVER"  # the value a robust-dpo process set (inherited by its children)
+
+
+def _own_api_server() -> dict:
+    """Each local session is addressed explicitly, so two commands on one machine never cross.
+
+    A local session is the command's own Ray (two commands with different --output each start one).
+    Ray's processes that look a session up without an address (Ray Train's placement-group cleaner
+    asks the state API) would otherwise see every session on the machine and stop with "Found
+    multiple active Ray instances".  So the session's API server gets a port chosen here, and
+    RAY_API_SERVER_ADDRESS names it before `ray.init` (Ray's processes inherit it).  A value the user
+    set is kept; one an earlier session of robust-dpo set (this process's or a parent's) is replaced."""
+    current = os.environ.get(_API_SERVER_ENV)
+    if current and current != os.environ.get(_OWNED_ENV):
+        return {}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ[_API_SERVER_ENV] = os.environ[_OWNED_ENV] = f"http://127.0.0.1:{port}"
+    return {"dashboard_host": "127.0.0.1", "dashboard_port": port}
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines import pareto
+from pipelines.paths import atomic_path, write_text_atomic
 
 TRIAL_COLUMNS = ("trial_id", "objective")
 METRIC_COLUMNS = ("reward", "kl")
@@ -226,7 +227,8 @@ def plot_pareto(table: pd.DataFrame, path: Path, ref_point: tuple[float, float],
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -293,7 +295,8 @@ def plot_robustness(df: pd.DataFrame, best: pd.DataFrame, path: Path,
     fig.suptitle("Robustness under shift: best trial per objective by worst-case reward (faint: other trials)",
                  fontsize=11)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -332,7 +335,8 @@ def write_pareto(
         finite = np.isfinite(points).all(axis=1)
         ref_point = pareto.default_reference_point(points) if finite.any() else (0.0, 0.0)
     volume = pareto.hypervolume(points, ref_point)
-    table.to_csv(out / "pareto.csv", index=False)
+    with atomic_path(out / "pareto.csv") as tmp:
+        table.to_csv(tmp, index=False)
     plot_pareto(table, out / "pareto.png", ref_point, volume, hyper)
     return table, ref_point, volume
 
@@ -368,7 +372,8 @@ def write_report(
     finite = np.isfinite(table[["reward", "kl"]].to_numpy(dtype=float)).all(axis=1)
 
     rob = build_robustness_table(robustness, trials)
-    rob.to_csv(paths.robustness_csv, index=False)
+    with atomic_path(paths.robustness_csv) as tmp:
+        rob.to_csv(tmp, index=False)
     # The reference's implicit reward is identically 0 (every pair a tie, pair_accuracy 0 by the
     # strict rule): it has no pair accuracy to rank or draw, so the tables and plots leave it out.
     rob = rob.assign(pair_accuracy=rob["pair_accuracy"].where(rob["objective"] != BASELINE_OBJECTIVE))
@@ -418,5 +423,5 @@ def write_report(
         "![pareto](pareto.png)", "",
         "All trials: [pareto.csv](pareto.csv).", "",
     ]
-    paths.report_md.write_text("\n".join(lines))
+    write_text_atomic(paths.report_md, "\n".join(lines))
     return paths

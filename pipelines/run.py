@@ -37,7 +37,7 @@ from pipelines.evaluate import EvaluateConfig, EvaluateOptionsConfig
 from pipelines.train.config import TrainConfig
 from pipelines.tune import SearchConfig, TrialEvalConfig, TuneConfig
 from pipelines.world import WorldConfig
-from pipelines.paths import OutputPath, RewardSpec, resolve_config_paths
+from pipelines.paths import OutputPath, RewardSpec, resolve_config_paths, write_text_atomic
 
 # Training defaults for the embedded world's tiny model (train-config values; user keys win).
 DEFAULT_TRAIN = {
@@ -173,8 +173,7 @@ def run(cfg: RunConfig) -> Path:
                                 title=f"robust-dpo run: {out.name}")
     timings.add("report", time.perf_counter() - report_started)
     timings.write(out)
-    with paths.report_md.open("a") as handle:
-        handle.write("\n" + timings_lib.markdown(timings.report()))
+    write_text_atomic(paths.report_md, paths.report_md.read_text() + "\n" + timings_lib.markdown(timings.report()))
     tracking_lib.log_report(cfg.tracking_config(), out, out.name,
                             [paths.report_md, out / "pareto.png", out / "robustness.png"])
     if failed:

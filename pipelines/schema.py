@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import UserError
+from pipelines.paths import write_text_atomic
 
 MANIFEST_FILE = "manifest.json"
 STATS_FILE = "data_stats.json"
@@ -50,7 +51,7 @@ def write_manifest(directory: str | Path, **fields: Any) -> Path:
     path = Path(directory) / MANIFEST_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"kind": DATASET_KIND, "version": DATASET_VERSION, **fields}
-    path.write_text(json.dumps(body, indent=2, sort_keys=True))
+    write_text_atomic(path, json.dumps(body, indent=2, sort_keys=True))
     return path
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+
+from pipelines.paths import write_text_atomic
 
 FILE = "timings.json"
 
@@ -61,9 +62,7 @@ class Timings:
         """`directory/timings.json`, written to a temporary name and renamed (never half-written)."""
         path = Path(directory) / FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.report(), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.report(), indent=2) + "\n")
         return path
 
 

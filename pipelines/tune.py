@@ -46,7 +46,7 @@ from pipelines.console import Progress, say
 from pipelines.errors import UserError
 from pipelines.tracking import MlflowConfig, TrackingConfig, WandbConfig
 from pipelines.train.config import TrainConfig, build_train_config
-from pipelines.paths import OutputPath, RewardSpec
+from pipelines.paths import OutputPath, RewardSpec, atomic_path, write_text_atomic
 
 TRIALS_DIR = "trials"
 TRIAL_RESULT = "trial_result.json"
@@ -234,7 +234,7 @@ def train_driver_fn(config: dict[str, Any], tables: dict | None = None) -> None:
            **{f"hp/{k}": v for k, v in objective.items() if k != "name"},
            "final_model": str(result.final_model_path), "train_seconds": train_seconds,
            "sampling_seconds": time.perf_counter() - started - train_seconds}
-    result_file.write_text(json.dumps(row, indent=2, sort_keys=True))
+    write_text_atomic(result_file, json.dumps(row, indent=2, sort_keys=True))  # the trial's "done" marker
     ray.tune.report(row)
 
 
@@ -297,7 +297,8 @@ def collect_trials(output_dir: Path) -> pd.DataFrame:
         frame = frame.rename(columns=lambda c: c.removeprefix("hp/"))
         lead = ["trial_id", "objective", "reward", "kl"]
         frame = frame[lead + [c for c in frame.columns if c not in lead]]
-    frame.to_csv(output_dir / "trials.csv", index=False)
+    with atomic_path(output_dir / "trials.csv") as tmp:
+        frame.to_csv(tmp, index=False)
     return frame
 
 

@@ -34,6 +34,18 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def smoke_run(ray_session, tmp_path_factory):
+    """The output folder of one uninterrupted `robust-dpo run` with SMOKE_RUN_KEYS (the run smoke test
+    checks it and its resume; the kill drill compares a killed run with it)."""
+    from pipelines.cli import main
+    from smoke_keys import SMOKE_RUN_KEYS
+
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    assert main(["run", "--output", str(out), *SMOKE_RUN_KEYS]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random LlamaForCausalLM and word tokenizer saved with save_pretrained (no download)."""
     from toy_checkpoints import save_tiny_model_and_tokenizer

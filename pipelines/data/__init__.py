@@ -37,7 +37,7 @@ from pipelines.data.formats import (
     FILE_SUFFIXES, INPUT_FORMATS, RowError, detect_format, iter_file_records, output_columns, output_format,
     parse_record, prepare_rows, prepared_schema,
 )
-from pipelines.paths import DatasetPath, ModelPath, OutputPath
+from pipelines.paths import DatasetPath, ModelPath, OutputPath, atomic_path, write_text_atomic
 
 MAX_ERROR_LINES = 20
 ROWS_PER_FILE = 50_000  # rows per written parquet file
@@ -416,7 +416,7 @@ def _print_first_errors(prepared: dict) -> None:
 
 def _write_rejected(out: Path, prepared: dict) -> Path:
     path = out / "rejected_rows.jsonl"
-    with path.open("w") as f:
+    with atomic_path(path) as tmp, tmp.open("w") as f:
         for ds in prepared.values():
             for row in _errors(ds).iter_rows():
                 f.write(json.dumps({"file": row["file"], "row": int(row["row"]), "field": row["error_field"],
@@ -508,7 +508,7 @@ def _load_tokenizer(path: str):
 
 
 def _write_json(path: Path, body: dict) -> None:
-    path.write_text(json.dumps(body, indent=2, sort_keys=True))
+    write_text_atomic(path, json.dumps(body, indent=2, sort_keys=True))
 
 
 # --- CLI -----------------------------------------------------------------------------------------

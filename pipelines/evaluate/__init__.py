@@ -45,7 +45,7 @@ from pipelines.data import shifts
 from pipelines.errors import UserError
 from pipelines.evaluate.generation import SampleResponses
 from pipelines.ray_session import actor_pool
-from pipelines.paths import InputPath, ModelPath, OutputPath, RewardSpec
+from pipelines.paths import InputPath, ModelPath, OutputPath, RewardSpec, atomic_path
 from robust_objectives import PreferenceLogps
 from robust_objectives.dpo import compute_log_ratios, compute_pair_losses, summarize_rewards
 
@@ -384,10 +384,12 @@ def evaluate(cfg: EvaluateConfig) -> pd.DataFrame:
         if cfg.generation.enabled:
             with timings.phase("sampling and scoring"):
                 samples = sample_checkpoints(ds, checkpoints, cfg, gpu, tokenizer, reward_keys, reward is not None)
-                samples.to_parquet(out_dir / "samples.parquet", index=False)
+                with atomic_path(out_dir / "samples.parquet") as tmp:
+                    samples.to_parquet(tmp, index=False)
     with timings.phase("summary"):
         result = summarise_levels(checkpoints, levels, level_rows, samples, level_reward, cfg.beta)
-        result.to_csv(out_dir / "evaluation.csv", index=False)
+        with atomic_path(out_dir / "evaluation.csv") as tmp:
+            result.to_csv(tmp, index=False)
     timings.write(out_dir)
     _log(f"wrote {out_dir / 'evaluation.csv'} ({len(result)} rows)")
     return result

@@ -46,6 +46,7 @@ from pipelines import config as config_lib
 from pipelines import schema
 from pipelines.console import Progress, say
 from pipelines.errors import UserError
+from pipelines.paths import atomic_path
 from pipelines.train import config as tc
 from pipelines.train.config import TrainConfig, train_config_to_dict
 from pipelines.train.loop import FAIL_ENV, RunPlan, train_fn_per_worker
@@ -233,7 +234,8 @@ def write_metrics_csv(history: list[dict[str, Any]], path: Path):
     ordered = [c for c in LEADING_COLUMNS if c in frame.columns]
     ordered += [c for c in rest if not c.startswith("eval/")] + [c for c in rest if c.startswith("eval/")]
     frame = frame[ordered] if len(frame.columns) else frame
-    frame.to_csv(path, index=False)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
     return frame
 
 

@@ -11,6 +11,7 @@ from here to the objective's line of math: `train_fn_per_worker` -> `step.train_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -274,15 +275,14 @@ def _report(state: WorkerState, row: dict[str, float], cfg: TrainConfig, *, fina
     from pipelines.train import state as train_state
 
     with tempfile.TemporaryDirectory(prefix="robust_dpo_ckpt_") as tmp:
-        directory = Path(tmp)
-        train_state.save_checkpoint(directory, state.policy, state.optimizer, state.scheduler, step=state.step,
-                                    history=state.history, rank=rank, timings=state.timings)
+        final_model = None
         if final:
             sharded = cfg.train.strategy == "fsdp"
-            weights = train_state.trainable_state_dict(state.policy) if sharded else None
-            if rank == 0:
-                train_state.save_final_model(directory / train_state.FINAL_MODEL_DIR, state.policy,
-                                             model_path=cfg.model.path, lora=cfg.lora.r > 0, weights=weights)
+            weights = train_state.trainable_state_dict(state.policy) if sharded else None  # every rank gathers
+            final_model = functools.partial(train_state.save_final_model, model=state.policy,
+                                            model_path=cfg.model.path, lora=cfg.lora.r > 0, weights=weights)
+        train_state.save_checkpoint(Path(tmp), state.policy, state.optimizer, state.scheduler, step=state.step,
+                                    history=state.history, rank=rank, timings=state.timings, final_model=final_model)
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
         ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state.step:06d}")
 

@@ -4,8 +4,12 @@ A checkpoint directory holds
     trainable.pt      the trainable parameters (all weights for full fine-tuning, the LoRA adapters
                       otherwise), full (unsharded) tensors
     optimizer.pt      optimizer state (full, unsharded) and LR-scheduler state
-    train_state.json  {"step": optimizer steps done, "history": [metrics rows reported so far]}
     final_model/      only in the last checkpoint: an HF model dir (LoRA merged) + tokenizer
+    train_state.json  {"step": optimizer steps done, "history": [metrics rows reported so far],
+                      "files": {path: size in bytes of every other file}}, written last
+A checkpoint is complete only when its train_state.json lists every other file at its size: a copy
+into storage cut short (a killed driver, a lost node) is never taken for the latest checkpoint
+(`find_latest_checkpoint` passes it over and the run resumes from the one before).
 The data position is the step (the data order is a pure function of seed, epoch and step) and the
 RNG is reseeded per micro-step from (seed, step, rank), so neither needs saving.  The metrics
 history rides in every checkpoint because Ray Train V2 keeps only the metrics attached to kept
@@ -88,8 +92,9 @@ def _load_plain(path: Path) -> Any:
 
 
 def save_checkpoint(directory: Path, model, optimizer, scheduler, *, step: int, history: list[dict],
-                    rank: int, timings: dict | None = None) -> None:
-    """Write the checkpoint files (rank 0 writes; under FSDP every rank joins the gathers)."""
+                    rank: int, timings: dict | None = None, final_model=None) -> None:
+    """Write the checkpoint files (rank 0 writes; under FSDP every rank joins the gathers), then
+    `final_model(directory / FINAL_MODEL_DIR)` when given, then train_state.json with the file list."""
     weights = trainable_state_dict(model)
     optim = optimizer_state_dict(model, optimizer)
     if rank != 0:
@@ -97,7 +102,22 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, *, step: int, 
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(weights, directory / TRAINABLE_FILE)
     torch.save({"optimizer": optim, "scheduler": _loadable_scheduler_state(scheduler)}, directory / OPTIMIZER_FILE)
-    (directory / STATE_FILE).write_text(json.dumps({"step": step, "history": history, "timings": timings or {}}))
+    if final_model is not None:
+        final_model(directory / FINAL_MODEL_DIR)
+    files = {str(p.relative_to(directory)): p.stat().st_size
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != STATE_FILE}
+    (directory / STATE_FILE).write_text(json.dumps({"step": step, "history": history, "timings": timings or {},
+                                                    "files": files}))
+
+
+def is_complete(directory: Path, state: dict[str, Any]) -> bool:
+    """Whether every file train_state.json lists is there at its size (a checkpoint written before
+    the list existed counts as complete)."""
+    for name, size in state.get("files", {}).items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
 
 
 def read_train_state(directory: str | Path) -> dict[str, Any]:
@@ -173,12 +193,15 @@ def save_final_model(directory: Path, model, *, model_path: str, lora: bool, wei
 
 
 def find_latest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint_* folder under `root` with the most steps done (driver side, no Ray)."""
+    """The complete checkpoint_* folder under `root` with the most steps done (driver side, no Ray)."""
     best, best_step = None, -1
     for state in root.glob("checkpoint_*/" + STATE_FILE):
         try:
-            step = read_train_state(state.parent)["step"]
+            saved = read_train_state(state.parent)
+            step = saved["step"]
         except (OSError, ValueError, KeyError):
+            continue
+        if not is_complete(state.parent, saved):
             continue
         if step > best_step:
             best, best_step = state.parent, step

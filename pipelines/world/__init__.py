@@ -29,6 +29,7 @@ import numpy as np
 from pipelines.console import say
 from pipelines.config import FieldError, check, dump, load
 from pipelines.errors import UserError
+from pipelines.paths import write_text_atomic
 from pipelines.world.functions import (
     WORLD_FILE,
     WORLD_KIND,
@@ -372,9 +373,9 @@ def generate_world(cfg: SynthConfig | WorldConfig, output_dir: str | Path, log=p
         "eval": "data/eval.parquet",
         "columns": list(PAIR_COLUMNS),
     }
-    paths.world_json.write_text(json.dumps(spec, indent=1, sort_keys=True) + "\n")
     dump(SynthConfig(synth=wc), paths.config)
     timings.write(paths.root)
+    write_text_atomic(paths.world_json, json.dumps(spec, indent=1, sort_keys=True) + "\n")  # last: the world is whole
     log(f"world written to {paths.root} in {timings.report()['total_seconds']:.1f} s")
     return paths
 

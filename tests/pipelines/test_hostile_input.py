@@ -55,7 +55,9 @@ def test_checkpoints_round_trip_through_weights_only_loads(tmp_path):
         torch.load(tmp_path / name, map_location="cpu", weights_only=True)
     fresh, fresh_optimizer, fresh_scheduler = trained(seed=1, steps=0)
     state = train_state.load_checkpoint(tmp_path, fresh, fresh_optimizer, fresh_scheduler)
-    assert state == {"step": 3, "history": [{"loss": 1.0}], "timings": {"stage": "worker", "phases": {"steps": 0.5}}}
+    files = {name: (tmp_path / name).stat().st_size for name in (train_state.OPTIMIZER_FILE, train_state.TRAINABLE_FILE)}
+    assert state == {"step": 3, "history": [{"loss": 1.0}], "timings": {"stage": "worker", "phases": {"steps": 0.5}},
+                     "files": files}
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
     assert fresh_scheduler.last_epoch == 3 and fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
     # The restored run continues exactly as the original (same Adam moments, same schedule).

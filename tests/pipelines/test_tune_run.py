@@ -18,6 +18,7 @@ from pipelines import config
 from pipelines import tune as tune_lib
 from pipelines.cli import main
 from pipelines.errors import UserError
+from smoke_keys import SMOKE_RUN_KEYS
 
 
 def test_trial_name_is_deterministic_and_safe():
@@ -58,15 +59,9 @@ def test_tune_checks_fail_before_ray(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_run_smoke_end_to_end_and_resume(ray_session, tmp_path, capsys):
-    out = tmp_path / "run"
-    args = ["run", "--output", str(out), "synth.n_train=128", "synth.n_eval=32", "synth.ref_steps=30",
-            "synth.n_classifier=64", "search.objectives=[dpo,kldpo]", "train.max_steps=2",
-            "train.batch_size=16", "train.micro_batch_size=16", "train.checkpoint_every=1",
-            "trial_eval.num_prompts=4", "trial_eval.samples_per_prompt=2", "evaluate.generation.num_prompts=4",
-            "evaluate.generation.samples_per_prompt=2",
-            "run.grid=[mixture:alpha=0:1:5, label_flip:eps=0:0.4:3, source_mixture:target=0:1:3]"]
-    assert main(args) == 0
+def test_run_smoke_end_to_end_and_resume(smoke_run, capsys):
+    out = smoke_run
+    args = ["run", "--output", str(out), *SMOKE_RUN_KEYS]
 
     pareto = pd.read_csv(out / "pareto.csv")
     assert {"trial_id", "objective", "beta", "tau", "reward", "kl", "on_front"} <= set(pareto.columns)

@@ -1,0 +1,70 @@
+"""Two commands at once on one machine (issue 12 item 3), typed as a user types them.
+
+Two `robust-dpo train` with different --output, started together from one folder with relative
+paths: each starts its own local Ray session and addresses it explicitly (ray_session.py,
+`_own_api_server`), so both finish, with the same metrics (same config and seed: nothing crossed
+between them), and no Ray process of either logged "Found multiple active Ray instances" (what
+Ray Train's placement-group cleaner logged before).  A third command on the first one's --output,
+while it runs, exits 2 naming the running process.  Each run reports 4 times with a checkpoint and keeps
+only `train.keep_checkpoints=2` of them on disk (item 7).
+
+The test process itself holds a Ray session (the shared fixture), so the children inherit its
+RAY_API_SERVER_ADDRESS: each must replace it with its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipelines.cli import LOCK_FILE
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _train(cwd: Path, output: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "train", "--output", output, "model.path=model", "data.path=data",
+         "objective.name=dpo", "objective.beta=0.5", "train.lr=0.02", "train.batch_size=8",
+         "train.micro_batch_size=8", "train.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=2",
+         "train.seed=1"],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+
+
+def test_two_runs_with_different_outputs_both_finish_and_a_third_on_a_busy_output_exits_2(
+        ray_session, tiny_model_dir, pairs_dataset, tmp_path):
+    assert os.environ.get("RAY_API_SERVER_ADDRESS"), "the fixture's session should have set it (inherited below)"
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    shutil.copytree(pairs_dataset, tmp_path / "data")
+    first, second = _train(tmp_path, "runs/a"), _train(tmp_path, "runs/b")
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "runs/a" / LOCK_FILE).exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    third = subprocess.run(  # on a's --output while a runs
+        [sys.executable, "-m", "pipelines", "train", "--output", "runs/a", "model.path=model", "data.path=data",
+         "objective.name=dpo"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], "\n\n".join(outputs)
+    assert third.returncode == 2, third.stdout + third.stderr
+    assert f"is in use by `robust-dpo train` (pid {first.pid}" in third.stderr
+
+    a, b = (pd.read_csv(tmp_path / "runs" / name / "metrics.csv") for name in "ab")
+    pd.testing.assert_frame_equal(a.drop(columns=["tokens_per_s"]), b.drop(columns=["tokens_per_s"]))
+    assert list(a["step"]) == [1, 2, 3, 4]  # four reports, each with a checkpoint; the last two kept (item 7)
+    for name in "ab":
+        kept = sorted(p.name for p in (tmp_path / "runs" / name / "checkpoints").glob("checkpoint_*"))
+        assert kept == ["checkpoint_000003", "checkpoint_000004"], kept
+    sessions = [(tmp_path / "runs" / name / "logs" / "ray_session").resolve() for name in "ab"]
+    assert sessions[0] != sessions[1], "each command starts its own local session"
+    for session in sessions:
+        for log in session.glob("*.err"):
+            assert "multiple active Ray instances" not in log.read_text(errors="replace"), log
