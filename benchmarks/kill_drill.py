@@ -40,7 +40,9 @@ TIME_COLUMNS = ("seconds", "tokens_per_s", "time", "duration")
 
 
 def _checkpoints(run: Path) -> set[str]:
-    return {str(p) for p in run.glob("sweep/trials/*/checkpoints/checkpoint_*")}
+    """The trials' checkpoint folders (checkpoint_NNNNNN; not Ray's checkpoint_manager_snapshot.json)."""
+    return {str(p) for p in run.glob("sweep/trials/*/checkpoints/checkpoint_*")
+            if p.name.removeprefix("checkpoint_").isdigit()}
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def test_two_runs_with_different_outputs_both_finish_and_a_third_on_a_busy_outpu
     pd.testing.assert_frame_equal(a.drop(columns=["tokens_per_s"]), b.drop(columns=["tokens_per_s"]))
     assert list(a["step"]) == [1, 2, 3, 4]  # four reports, each with a checkpoint; the last two kept (item 7)
     for name in "ab":
-        kept = sorted(p.name for p in (tmp_path / "runs" / name / "checkpoints").glob("checkpoint_*"))
+        kept = sorted(p.name for p in (tmp_path / "runs" / name / "checkpoints").glob("checkpoint_*") if p.is_dir())
         assert kept == ["checkpoint_000003", "checkpoint_000004"], kept
     sessions = [(tmp_path / "runs" / name / "logs" / "ray_session").resolve() for name in "ab"]
     assert sessions[0] != sessions[1], "each command starts its own local session"
