@@ -135,12 +135,12 @@ def compare(baseline: Path, killed: Path) -> dict[str, float]:
             for column in text:
                 frame[column] = frame[column].str.replace(str(side.resolve()), "RUN", regex=False)
             frames.append(frame)
-        base, killed = frames
-        assert list(base.columns) == list(killed.columns), f"{name}: columns differ"
-        assert base.shape == killed.shape, f"{name}: {base.shape} rows x columns vs {killed.shape}"
-        numbers = base.select_dtypes("number").columns
-        pd.testing.assert_frame_equal(base.drop(columns=numbers), killed.drop(columns=numbers))
-        a, b = base[numbers].to_numpy(float), killed[numbers].to_numpy(float)
+        first, second = frames
+        assert list(first.columns) == list(second.columns), f"{name}: columns differ"
+        assert first.shape == second.shape, f"{name}: {first.shape} rows x columns vs {second.shape}"
+        numbers = first.select_dtypes("number").columns
+        pd.testing.assert_frame_equal(first.drop(columns=numbers), second.drop(columns=numbers))
+        a, b = first[numbers].to_numpy(float), second[numbers].to_numpy(float)
         assert (np.isnan(a) == np.isnan(b)).all(), f"{name}: missing values differ"
         out[name] = float(np.nanmax(np.abs(a - b), initial=0.0))
     return out

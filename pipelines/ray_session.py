@@ -72,11 +72,24 @@ def _own_api_server() -> dict:
     current = os.environ.get(_API_SERVER_ENV)
     if current and current != os.environ.get(_OWNED_ENV):
         return {}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     os.environ[_API_SERVER_ENV] = os.environ[_OWNED_ENV] = f"http://127.0.0.1:{port}"
     return {"dashboard_host": "127.0.0.1", "dashboard_port": port}
+
+
+# Ports Ray itself takes by default (GCS, dashboard, client server, the dashboard agent's HTTP
+# server) and its default worker-port range: a port the OS hands out must be none of them, or
+# `ray.init` refuses it ("a port number 52365 that is used by other components": seen in the kill drill).
+_RAY_PORTS = {6379, 8265, 10001, 52365, *range(10002, 20000)}
+
+
+def _free_port() -> int:
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _RAY_PORTS:
+            return port
 
 
 @contextlib.contextmanager

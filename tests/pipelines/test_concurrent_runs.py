@@ -24,9 +24,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipelines import ray_session
 from pipelines.cli import LOCK_FILE
-
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _train(cwd: Path, output: str) -> subprocess.Popen:
@@ -39,6 +38,34 @@ def _train(cwd: Path, output: str) -> subprocess.Popen:
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
 
 
+def test_a_session_port_is_never_one_ray_takes_by_default(monkeypatch):
+    """The API-server port is the OS's choice, passed over when Ray would take it itself (52365, its
+    dashboard agent's, once made `ray.init` fail in the kill drill)."""
+    import ray._private.ray_constants as ray_constants
+
+    assert {ray_constants.DEFAULT_PORT, ray_constants.DEFAULT_DASHBOARD_PORT,
+            ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT} <= ray_session._RAY_PORTS
+    offered = iter([ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT, ray_constants.DEFAULT_PORT, 15000, 40001])
+
+    class Probe:  # socket.socket, handing out the ports above
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            self.port = next(offered)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(ray_session.socket, "socket", Probe)
+    assert ray_session._free_port() == 40001
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_two_runs_with_different_outputs_both_finish_and_a_third_on_a_busy_output_exits_2(
         ray_session, tiny_model_dir, pairs_dataset, tmp_path):
     assert os.environ.get("RAY_API_SERVER_ADDRESS"), "the fixture's session should have set it (inherited below)"
