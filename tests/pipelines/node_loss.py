@@ -118,11 +118,10 @@ def main(out: Path) -> dict:
     }
 
     def tune_cfg(name, *extra):
-        return config.load(tune.TuneConfig, None, [*common, "train.num_workers=1", "search.objectives=dpo,kldpo",
-                                                   "train.max_failures=1",
-                                                   "search.max_failures=1", "trial_eval.reward=pipelines.evaluate.rewards:word_count",
-                                                   "trial_eval.num_prompts=4", *extra],
-                           flags={"output": str(out / name)})
+        keys = [*common, "train.num_workers=1", "search.objectives=dpo,kldpo", "train.max_failures=1",
+                "search.max_failures=1", "trial_eval.reward=pipelines.evaluate.rewards:word_count",
+                "trial_eval.num_prompts=4", *extra]
+        return config.load(tune.TuneConfig, None, keys, flags={"output": str(out / name)})
 
     started = time.monotonic()
     plain_trials = tune.tune(tune_cfg("tune_plain", "search.max_concurrent_trials=2"))
@@ -165,7 +164,7 @@ def _second_trial_has_a_checkpoint(sweep: Path) -> bool:
 
 def _worker_starts(run: Path) -> int:
     """How many worker groups wrote the run's checkpoints: each checkpoint records its rank-0 worker's
-    start time (all are kept: train.keep_checkpoints=4), so 1 = never restarted."""
+    start time (all are kept: train.keep_checkpoints=8), so 1 = never restarted."""
     from pipelines.train import state as train_state
 
     return len({train_state.read_train_state(p.parent)["timings"]["created_at"]
