@@ -1,6 +1,6 @@
 """Load (issue 12 item 7): `robust-dpo data` on N generated pairs, the driver's peak memory and wall time.
 
-    python -m benchmarks.data_load --workdir /tmp/load --pairs 200000,20000 --tokenizer runs/w/tokenizer
+    python -m benchmarks.data_load --workdir runs/load --pairs 200000,20000 --tokenizer runs/w/tokenizer
 
 For each N: a seeded JSONL of N pairs (prompts and responses of 4-24 words from the tokenizer's own
 vocabulary, a few malformed rows mixed in so the rejected-row path runs at scale too), then the data
