@@ -28,14 +28,23 @@ from pipelines import ray_session
 from pipelines.cli import LOCK_FILE
 
 
+def _env() -> dict[str, str]:
+    """This process's environment now (with the fixture session's RAY_API_SERVER_ADDRESS, which the
+    children inherit and must replace), plus the repository on PYTHONPATH."""
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+
+def _train_command(output: str, *keys: str) -> list[str]:
+    """`robust-dpo train` on the copied model and data (relative paths, as a user types them)."""
+    return [sys.executable, "-m", "pipelines", "train", "--output", output, "model.path=model", "data.path=data",
+            "objective.name=dpo", *keys]
+
+
 def _train(cwd: Path, output: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipelines", "train", "--output", output, "model.path=model", "data.path=data",
-         "objective.name=dpo", "objective.beta=0.5", "train.lr=0.02", "train.batch_size=8",
-         "train.micro_batch_size=8", "train.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=2",
-         "train.seed=1"],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+        _train_command(output, "objective.beta=0.5", "train.lr=0.02", "train.batch_size=8", "train.micro_batch_size=8",
+                       "train.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=2", "train.seed=1"),
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
 
 
 def test_a_session_port_is_never_one_ray_takes_by_default(monkeypatch):
@@ -75,10 +84,8 @@ def test_two_runs_with_different_outputs_both_finish_and_a_third_on_a_busy_outpu
     deadline = time.monotonic() + 120
     while not (tmp_path / "runs/a" / LOCK_FILE).exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    third = subprocess.run(  # on a's --output while a runs
-        [sys.executable, "-m", "pipelines", "train", "--output", "runs/a", "model.path=model", "data.path=data",
-         "objective.name=dpo"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    third = subprocess.run(_train_command("runs/a"), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                           env=_env())  # on a's --output while a runs
     outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
     assert [first.returncode, second.returncode] == [0, 0], "\n\n".join(outputs)
     assert third.returncode == 2, third.stdout + third.stderr
