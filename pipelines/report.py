@@ -10,9 +10,8 @@ Rules, stated once (and in report.md):
 - the front is `pipelines.pareto.pareto_front` (reward up, KL down); its hypervolume is taken
   against the reference point (min reward - 10% of the reward range, max KL + 10% of the KL range)
   unless one is given;
-- per trial, worst-case reward = min of `reward` over every evaluated (shift, level) and average
-  reward = its mean over the same rows; the best trial of an objective is the one with the highest
-  worst-case reward (ties: higher average, then trial_id);
+- settings, seeds, intervals, the selection rule and DPO's frontier at matched KL: `pipelines.study`
+  (one setting = an objective and its hyperparameters; its trials over seeds are its units);
 - AUC of a curve = trapezoid integral of the metric over the shift level (for the mixture grid on
   [0, 1] this is the area under J(alpha) of OBJECTIVES.md 8.1).
 """
@@ -27,14 +26,17 @@ import numpy as np
 import pandas as pd
 
 from pipelines import pareto
+from pipelines import study as study_lib
 from pipelines.paths import atomic_path, write_text_atomic
+from pipelines.study import area_under_curve
 
 TRIAL_COLUMNS = ("trial_id", "objective")
 METRIC_COLUMNS = ("reward", "kl")
 ROBUSTNESS_COLUMNS = ("trial_id", "objective", "shift", "level", "reward", "kl", "pair_accuracy")
 # Curves drawn per shift kind: reward (generative) and pair accuracy (implicit, under the level's labels).
 PANEL_METRICS = (("reward", "reward"), ("pair_accuracy", "pair accuracy"))
-BASELINE_OBJECTIVE = "reference"  # rows of the untrained reference model, drawn as a grey baseline
+BASELINE_OBJECTIVE = study_lib.REFERENCE  # rows of the untrained reference model, drawn as a grey baseline
+SEED_COLUMNS = ("seed", "world_seed")  # repetitions of a setting, not hyperparameters
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
 def build_pareto_table(
     trials: pd.DataFrame, hyperparameter_cols: Optional[Sequence[str]] = None
 ) -> pd.DataFrame:
-    """pareto.csv: trial_id, objective, hyperparameters..., reward, kl, on_front (input row order).
+    """pareto.csv: trial_id, objective, hyperparameters..., seed columns, reward, kl, on_front (input row order).
 
     Args:
         trials: one row per trial.
@@ -71,10 +73,11 @@ def build_pareto_table(
     if trials["trial_id"].duplicated().any():
         dup = trials.loc[trials["trial_id"].duplicated(), "trial_id"].iloc[0]
         raise ValueError(f"trial_id '{dup}' appears twice in the trials table")
-    reserved = {*TRIAL_COLUMNS, *METRIC_COLUMNS, "on_front"}
+    reserved = {*TRIAL_COLUMNS, *METRIC_COLUMNS, "on_front", *SEED_COLUMNS}
     if hyperparameter_cols is None:
         hyperparameter_cols = [c for c in trials.columns if c not in reserved]
-    table = trials[[*TRIAL_COLUMNS, *hyperparameter_cols, *METRIC_COLUMNS]].reset_index(drop=True).copy()
+    seeds = [c for c in SEED_COLUMNS if c in trials.columns and c not in hyperparameter_cols]
+    table = trials[[*TRIAL_COLUMNS, *hyperparameter_cols, *seeds, *METRIC_COLUMNS]].reset_index(drop=True).copy()
     table["on_front"] = pareto.pareto_front(table, "reward", "kl")
     return table
 
@@ -99,54 +102,6 @@ def build_robustness_table(robustness: pd.DataFrame, trials: Optional[pd.DataFra
     return df.sort_values(["objective", "trial_id", "shift", "level"], kind="stable").reset_index(drop=True)
 
 
-def area_under_curve(levels: Sequence[float], values: Sequence[float]) -> float:
-    """Trapezoid integral of `values` over `levels` (sorted first); NaN if fewer than 2 finite points."""
-    lv, vv = np.asarray(levels, dtype=float), np.asarray(values, dtype=float)
-    keep = np.isfinite(lv) & np.isfinite(vv)
-    lv, vv = lv[keep], vv[keep]
-    if len(lv) < 2:
-        return float("nan")
-    order = np.argsort(lv, kind="stable")
-    lv, vv = lv[order], vv[order]
-    return float(np.sum(np.diff(lv) * (vv[1:] + vv[:-1]) / 2.0))
-
-
-def summarise_trials(robustness: pd.DataFrame) -> pd.DataFrame:
-    """Per trial: worst-case and average reward (and pair accuracy) over every (shift, level).
-
-    Returns:
-        One row per trial_id with objective, worst_reward, mean_reward, worst_pair_accuracy,
-        mean_pair_accuracy, n_levels.
-    """
-    grouped = robustness.groupby("trial_id", sort=True)
-    return pd.DataFrame(
-        {
-            "objective": grouped["objective"].first(),
-            "worst_reward": grouped["reward"].min(),
-            "mean_reward": grouped["reward"].mean(),
-            "worst_pair_accuracy": grouped["pair_accuracy"].min(),
-            "mean_pair_accuracy": grouped["pair_accuracy"].mean(),
-            "n_levels": grouped.size(),
-        }
-    ).reset_index()
-
-
-def select_best_trials(summary: pd.DataFrame) -> pd.DataFrame:
-    """The best trial per objective: highest worst-case reward, then average reward, then trial_id.
-
-    Objectives whose rewards are all missing fall back to worst-case pair accuracy (stated in the
-    `rule` column).
-    """
-    rows = []
-    for objective, group in summary.groupby("objective", sort=True):
-        key = "worst_reward" if group["worst_reward"].notna().any() else "worst_pair_accuracy"
-        tie = "mean_reward" if key == "worst_reward" else "mean_pair_accuracy"
-        ranked = group.assign(_k=group[key].fillna(-np.inf), _t=group[tie].fillna(-np.inf))
-        ranked = ranked.sort_values(["_k", "_t", "trial_id"], ascending=[False, False, True], kind="stable")
-        rows.append(ranked.iloc[0].drop(["_k", "_t"]).to_dict() | {"rule": key})
-    return pd.DataFrame(rows)
-
-
 # [2] Plots --------------------------------------------------------------------------------------
 
 
@@ -161,16 +116,14 @@ def objective_colours(objectives: Sequence[str]) -> dict[str, tuple]:
     return colours
 
 
-def _label(row: Mapping, hyperparameter_cols: Sequence[str]) -> str:
-    parts = []
-    for col in hyperparameter_cols:
-        value = row.get(col)
-        if value is None or (isinstance(value, float) and np.isnan(value)):
-            continue
-        parts.append(f"{col}={value:g}" if isinstance(value, (int, float)) else f"{col}={value}")
-    return ", ".join(parts)
+_label = study_lib.hyperparameter_label
 
 
+def _whiskers(ax, x, x_lo, x_hi, y, y_lo, y_hi, colour, **kwargs) -> None:
+    """A point with its x and y intervals (drawn only where both ends are finite)."""
+    xerr = [[x - x_lo], [x_hi - x]] if np.isfinite([x_lo, x_hi]).all() else None
+    yerr = [[y - y_lo], [y_hi - y]] if np.isfinite([y_lo, y_hi]).all() else None
+    ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="none", ecolor=colour, elinewidth=1.2, capsize=3, **kwargs)
 def _annotate_points(ax, table: pd.DataFrame, hyperparameter_cols: Sequence[str], annotate_all: bool) -> None:
     """Label front points (black) and, for small sweeps, the others (grey), nudging labels that would
     overlap an earlier one down by a line (greedy, in display pixels)."""
@@ -192,8 +145,10 @@ def _annotate_points(ax, table: pd.DataFrame, hyperparameter_cols: Sequence[str]
 
 
 def plot_pareto(table: pd.DataFrame, path: Path, ref_point: tuple[float, float], volume: float,
-                hyperparameter_cols: Sequence[str]) -> None:
-    """Reward (y) vs KL (x); colour per objective; the front as a step line, front points ringed."""
+                hyperparameter_cols: Sequence[str], settings: Optional[pd.DataFrame] = None) -> None:
+    """Reward (y) vs KL (x); colour per objective; the front as a step line, front points ringed;
+    with seeds, each setting's mean with its 95% intervals as whiskers (`settings`: study.aggregate
+    of reward and kl)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,6 +174,14 @@ def plot_pareto(table: pd.DataFrame, path: Path, ref_point: tuple[float, float],
     ax.scatter([ref_point[1]], [ref_point[0]], marker="x", color="black", s=70, zorder=3)
     handles.append(Line2D([], [], marker="x", ls="", color="black",
                           label=f"reference point: KL {ref_point[1]:.3g}, reward {ref_point[0]:.3g}"))
+    if settings is not None and (settings["n"] > 1).any():
+        for row in settings.itertuples(index=False):
+            _whiskers(ax, row.kl, row.kl_lo, row.kl_hi, row.reward, row.reward_lo, row.reward_hi,
+                      colours[row.objective], zorder=3)
+            ax.scatter([row.kl], [row.reward], marker="D", s=30, color=colours[row.objective],
+                       edgecolors="white", zorder=5)
+        handles.append(Line2D([], [], marker="D", color="grey", lw=1.2,
+                              label="setting mean over seeds, 95% t interval (whiskers)"))
     _annotate_points(ax, table, hyperparameter_cols, annotate_all=len(table) <= 20)
     ax.set_xlabel("KL(policy || reference), nats per sequence (lower is better)")
     ax.set_ylabel("evaluation reward (higher is better)")
@@ -230,6 +193,8 @@ def plot_pareto(table: pd.DataFrame, path: Path, ref_point: tuple[float, float],
     with atomic_path(path) as tmp:
         fig.savefig(tmp)
     plt.close(fig)
+
+
 
 
 def shift_metric(df: pd.DataFrame, shift: str) -> str:
@@ -249,39 +214,59 @@ def robustness_panels(df: pd.DataFrame) -> list[tuple[str, str]]:
     return sorted(panels, key=lambda p: (p[1] != "reward", p[0] != "mixture", p[0]))
 
 
-def plot_robustness(df: pd.DataFrame, best: pd.DataFrame, path: Path,
-                    train_levels: Mapping[str, float]) -> None:
-    """One panel per (shift kind, metric it moves): metric vs level, best trial per objective bold."""
+
+
+def setting_curves(rob: pd.DataFrame, keys: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per (setting, shift, level): the mean of `metric` over the setting's units and its t interval."""
+    merged = rob.merge(keys[["trial_id", "setting"]], on="trial_id", how="inner")
+    rows = []
+    for (setting, objective, shift, level), part in merged.groupby(["setting", "objective", "shift", "level"],
+                                                                   sort=True):
+        mean, lo, hi, n = study_lib.t_interval(part[metric])
+        rows.append({"setting": setting, "objective": objective, "shift": shift, "level": level,
+                     "mean": mean, "lo": lo, "hi": hi, "n": n})
+    return pd.DataFrame(rows, columns=["setting", "objective", "shift", "level", "mean", "lo", "hi", "n"])
+
+
+def plot_robustness(df: pd.DataFrame, study: study_lib.Study, path: Path, train_levels: Mapping[str, float]) -> None:
+    """One panel per (shift kind, metric it moves): the metric vs level, each selected setting's mean
+    over seeds bold with its 95% band (other settings faint); then worst-case reward vs KL with DPO's
+    beta frontier (mean over seeds per beta, through the reference at KL 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = robustness_panels(df)
-    ncols = min(2, len(panels))
-    nrows = -(-len(panels) // ncols)
+    ncols = 2
+    nrows = -(-(len(panels) + 1) // ncols)
     colours = objective_colours(df["objective"])
-    best_ids = set(best["trial_id"])
+    keys = study_lib.trial_settings(pd.DataFrame(columns=["trial_id", "objective"]), df, [])
+    keys = study.per_trial[["trial_id", "setting"]] if len(study.per_trial) else keys
+    selected = set(study.selected["setting"])
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.4 * nrows), dpi=120, squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) + 1:]:
         ax.set_visible(False)
     for ax, (shift, metric) in zip(axes.flat, panels):
         name = dict(PANEL_METRICS)[metric]
-        part = df[df["shift"] == shift]
-        for trial_id, curve in part.groupby("trial_id", sort=True):
+        curves = setting_curves(df[df["shift"] == shift], keys, metric)
+        for setting, curve in curves.groupby("setting", sort=True):
             curve = curve.sort_values("level")
             objective = curve["objective"].iloc[0]
             style = "--" if objective == BASELINE_OBJECTIVE else "-"
-            if trial_id not in best_ids:  # the other trials of an objective: thin, faint, unlabelled
-                ax.plot(curve["level"], curve[metric], style, color=colours[objective], lw=0.8, alpha=0.3)
+            if setting not in selected:  # the other settings of an objective: thin, faint, unlabelled
+                ax.plot(curve["level"], curve["mean"], style, color=colours[objective], lw=0.8, alpha=0.3)
                 continue
-            if curve[metric].notna().sum() == 0:
+            if curve["mean"].notna().sum() == 0:
                 continue
-            worst = curve.loc[curve[metric].idxmin()]
-            auc = area_under_curve(curve["level"], curve[metric])
-            ax.plot(curve["level"], curve[metric], style, marker="o", ms=3, lw=2, color=colours[objective],
-                    label=f"{objective}: worst {worst[metric]:.3f}, AUC {auc:.3f}")
-            ax.scatter([worst["level"]], [worst[metric]], marker="v", s=90, color=colours[objective],
+            worst = curve.loc[curve["mean"].idxmin()]
+            auc = area_under_curve(curve["level"], curve["mean"])
+            n = int(curve["n"].max())
+            ax.plot(curve["level"], curve["mean"], style, marker="o", ms=3, lw=2, color=colours[objective],
+                    label=f"{setting}: worst {worst['mean']:.3f}, AUC {auc:.3f}" + (f" ({n} seeds)" if n > 1 else ""))
+            if n > 1:
+                ax.fill_between(curve["level"], curve["lo"], curve["hi"], color=colours[objective], alpha=0.15)
+            ax.scatter([worst["level"]], [worst["mean"]], marker="v", s=90, color=colours[objective],
                        edgecolors="black", zorder=4)
         if shift in train_levels:
             ax.axvline(train_levels[shift], color="black", ls=":", lw=1)
@@ -291,13 +276,43 @@ def plot_robustness(df: pd.DataFrame, best: pd.DataFrame, path: Path,
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="best", title="best trial per objective (v = worst case)", title_fontsize=7)
-    fig.suptitle("Robustness under shift: best trial per objective by worst-case reward (faint: other trials)",
-                 fontsize=11)
+            ax.legend(fontsize=6, loc="best", title="selected setting per objective (v = worst case; band: 95% t)",
+                      title_fontsize=6)
+    _plot_frontier(axes.flat[len(panels)], study, colours)
+    fig.suptitle(f"Robustness under shift: the setting selected per objective ({study.rule} rule; faint: the "
+                 "other settings), and worst case against DPO's beta frontier at matched KL", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp)
     plt.close(fig)
+
+
+def _plot_frontier(ax, study: study_lib.Study, colours: Mapping[str, tuple]) -> None:
+    """Worst-case reward vs KL: DPO's frontier (its settings' means, joined in KL order, with the
+    reference at KL 0) and every selected setting as a point with its intervals."""
+    front = study.settings[study.settings["objective"].isin([study_lib.BASELINE, study_lib.REFERENCE])]
+    front = front.sort_values("kl")
+    if len(front):
+        ax.plot(front["kl"], front["worst_reward"], "-", color="black", lw=1.5, label="DPO beta frontier (mean)")
+        for row in front.itertuples(index=False):
+            _whiskers(ax, row.kl, row.kl_lo, row.kl_hi, row.worst_reward, row.worst_reward_lo,
+                      row.worst_reward_hi, "black", alpha=0.5)
+            ax.annotate(row.setting.replace("dpo ", ""), (row.kl, row.worst_reward), textcoords="offset pixels",
+                        xytext=(6, 6), fontsize=6)
+    for row in study.selected.itertuples(index=False):
+        if row.objective in (study_lib.BASELINE, study_lib.REFERENCE):
+            continue
+        _whiskers(ax, row.kl, row.kl_lo, row.kl_hi, row.worst_reward, row.worst_reward_lo, row.worst_reward_hi,
+                  colours[row.objective])
+        diff = study.matched["worst_reward"].get(row.setting)
+        ax.scatter([row.kl], [row.worst_reward], s=60, color=colours[row.objective], edgecolors="black", zorder=4,
+                   label=f"{row.setting}: {study_lib.format_difference(diff)} vs frontier")
+    ax.set_title("worst-case reward vs KL: DPO's beta frontier and the selected settings", fontsize=10)
+    ax.set_xlabel("KL(policy || reference), nats per sequence")
+    ax.set_ylabel("worst-case reward (min over every shift level)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, loc="best")
 
 
 # [3] The report ---------------------------------------------------------------------------------
@@ -314,14 +329,21 @@ def _markdown_table(df: pd.DataFrame, float_format: str = "{:.4f}") -> str:
     return "\n".join(lines)
 
 
+def _interval(row, metric: str) -> str:
+    return study_lib.format_interval(row[metric], row[f"{metric}_lo"], row[f"{metric}_hi"])
+
+
 def write_pareto(
     trials: pd.DataFrame,
     output_dir: str | Path,
     *,
     hyperparameter_cols: Optional[Sequence[str]] = None,
     ref_point: Optional[tuple[float, float]] = None,
+    setting_cols: Optional[Sequence[str]] = None,
 ) -> tuple[pd.DataFrame, tuple[float, float], float]:
     """Write pareto.csv and pareto.png into `output_dir` (the part of the report a sweep alone gives).
+    `setting_cols` name the columns that make trials one setting over seeds (default: the
+    hyperparameter columns); pareto.png draws each setting's mean with its intervals.
 
     Returns:
         (the pareto table, the reference point used, the front's hypervolume).
@@ -329,7 +351,7 @@ def write_pareto(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = build_pareto_table(trials, hyperparameter_cols)
-    hyper = [c for c in table.columns if c not in (*TRIAL_COLUMNS, *METRIC_COLUMNS, "on_front")]
+    hyper = [c for c in table.columns if c not in (*TRIAL_COLUMNS, *METRIC_COLUMNS, "on_front", *SEED_COLUMNS)]
     points = table[["reward", "kl"]].to_numpy(dtype=float)
     if ref_point is None:
         finite = np.isfinite(points).all(axis=1)
@@ -337,7 +359,10 @@ def write_pareto(
     volume = pareto.hypervolume(points, ref_point)
     with atomic_path(out / "pareto.csv") as tmp:
         table.to_csv(tmp, index=False)
-    plot_pareto(table, out / "pareto.png", ref_point, volume, hyper)
+    keys = study_lib.trial_settings(table.assign(**{c: trials[c].to_numpy() for c in setting_cols or [] if c not in table}),
+                                    table.iloc[:0], hyper if setting_cols is None else setting_cols)
+    settings = study_lib.aggregate(keys.merge(table[["trial_id", "reward", "kl"]], on="trial_id"), ["reward", "kl"])
+    plot_pareto(table, out / "pareto.png", ref_point, volume, hyper, settings)
     return table, ref_point, volume
 
 
@@ -349,18 +374,22 @@ def write_report(
     hyperparameter_cols: Optional[Sequence[str]] = None,
     ref_point: Optional[tuple[float, float]] = None,
     train_levels: Optional[Mapping[str, float]] = None,
+    extras: Optional[pd.DataFrame] = None,
     title: str = "robust-dpo sweep report",
 ) -> ReportPaths:
     """Write pareto.csv/png, robustness.csv/png and report.md into `output_dir`.
 
     Args:
-        trials: one row per trial (see module docstring).
-        robustness: long-form evaluation rows (see module docstring).
+        trials: one row per trial (see module docstring); optional `seed` / `world_seed` columns
+            make trials of one setting repetitions of it (`pipelines.study`).
+        robustness: long-form evaluation rows (see module docstring); `val_reward` / `val_kl`
+            (validation prompts) make the selection honest.
         output_dir: created if missing; files are overwritten.
         hyperparameter_cols: hyperparameter columns of `trials`; None = every non-reserved column.
         ref_point: (reward, kl) reference of the hypervolume; None = `pareto.default_reference_point`.
         train_levels: shift -> the level the training data came from (e.g. {"mixture": 0.1}),
-            drawn as a dotted line.
+            drawn as a dotted line; the mixture one is where "reward at the training mixture" is read.
+        extras: per trial_id, more per-trial metrics (study.TAIL_METRICS: the on-policy KL tail).
         title: the report's heading.
     """
     out = Path(output_dir)
@@ -368,7 +397,7 @@ def write_report(
                         out / "robustness.png", out / "report.md")
     ref_is_default = ref_point is None
     table, ref_point, volume = write_pareto(trials, out, hyperparameter_cols=hyperparameter_cols, ref_point=ref_point)
-    hyper = [c for c in table.columns if c not in (*TRIAL_COLUMNS, *METRIC_COLUMNS, "on_front")]
+    hyper = [c for c in table.columns if c not in (*TRIAL_COLUMNS, *METRIC_COLUMNS, "on_front", *SEED_COLUMNS)]
     finite = np.isfinite(table[["reward", "kl"]].to_numpy(dtype=float)).all(axis=1)
 
     rob = build_robustness_table(robustness, trials)
@@ -377,51 +406,132 @@ def write_report(
     # The reference's implicit reward is identically 0 (every pair a tie, pair_accuracy 0 by the
     # strict rule): it has no pair accuracy to rank or draw, so the tables and plots leave it out.
     rob = rob.assign(pair_accuracy=rob["pair_accuracy"].where(rob["objective"] != BASELINE_OBJECTIVE))
-    summary = summarise_trials(rob)
-    best = select_best_trials(summary)
-    plot_robustness(rob, best, paths.robustness_png, dict(train_levels or {}))
+    train_levels = dict(train_levels or {})
+    study = study_lib.Study(table, rob, hyper, train_alpha=train_levels.get("mixture"), extras=extras)
+    plot_robustness(rob, study, paths.robustness_png, train_levels)
+    with atomic_path(out / "trial_metrics.csv") as tmp:
+        study.per_trial.to_csv(tmp, index=False)
+    with atomic_path(out / "settings.csv") as tmp:
+        study.settings_table().to_csv(tmp, index=False)
 
-    per_shift = []
-    for row in best.itertuples(index=False):
-        part = rob[rob["trial_id"] == row.trial_id]
-        cells = {"objective": row.objective, "best trial": row.trial_id,
-                 "hyperparameters": _label(table.set_index("trial_id").loc[row.trial_id].to_dict(), hyper)
-                 if row.trial_id in set(table["trial_id"]) else "",
-                 "worst-case reward": row.worst_reward, "average reward": row.mean_reward,
-                 "worst pair acc.": row.worst_pair_accuracy}
-        for shift, curve in part.groupby("shift", sort=True):
-            metric = shift_metric(rob, shift)
-            cells[f"{shift} AUC ({'reward' if metric == 'reward' else 'pair acc.'})"] = area_under_curve(
-                curve["level"], curve[metric])
-        per_shift.append(cells)
-    best_table = pd.DataFrame(per_shift).sort_values("worst-case reward", ascending=False, kind="stable")
-    n_failed = int((~finite).sum())
-    front = table[table["on_front"]].sort_values("kl")
     lines = [
         f"# {title}", "",
-        f"{len(table)} trials over {table['objective'].nunique()} objectives; "
-        f"{len(rob)} evaluation rows over shifts {', '.join(sorted(rob['shift'].unique()))}."
-        + (f" {n_failed} trial(s) have no reward/KL and are off the front." if n_failed else ""), "",
+        f"{len(table)} trials over {table['objective'].nunique()} objectives and {len(study.settings)} settings "
+        f"({study.units} seed unit(s): training seed x world); {len(rob)} evaluation rows over shifts "
+        f"{', '.join(sorted(rob['shift'].unique()))}."
+        + (f" {int((~finite).sum())} trial(s) have no reward/KL and are off the front." if (~finite).any() else ""), "",
         "## Which objective holds up under shift", "",
-        "Best trial per objective = the trial with the highest worst-case reward, where worst-case reward is "
-        "the minimum of `reward` over every evaluated (shift, level) and average reward its mean over the "
-        "same rows (ties: higher average, then trial id). AUC = trapezoid integral over the shift level "
-        "of the metric that varies (reward, else pair accuracy). Sorted by worst-case reward.", "",
-        _markdown_table(best_table), "",
+        *_rules(study),
+        "",
+        _markdown_table(_selected_table(study)), "",
         "![robustness](robustness.png)", "",
+        "Per trial: [trial_metrics.csv](trial_metrics.csv); per setting, with every interval, the matched-KL "
+        "differences and the selection: [settings.csv](settings.csv).", "",
         "Rows: [robustness.csv](robustness.csv) (long form: trial_id, objective, shift, level, reward, kl, "
-        "pair_accuracy, ...). Reward is the configured reward of policy samples under each level "
-        "(the mixture level alpha scores the same samples with alpha r1 + (1 - alpha) r2); pair accuracy is "
-        "the fraction of held-out pairs with Delta_chosen > Delta_rejected under that level's labels.", "",
+        "pair_accuracy, ...; `val_*` on the validation prompts). Reward is the configured reward of policy samples "
+        "under each level (the mixture level alpha scores the same samples with alpha r1 + (1 - alpha) r2).", "",
         "## Reward vs KL", "",
-        f"Pareto front (reward up, KL down): {len(front)} of {len(table)} trials. Hypervolume "
+        f"Pareto front of the trials (reward at the sweep's trial evaluation up, KL down): "
+        f"{int(table['on_front'].sum())} of {len(table)} trials. Hypervolume "
         f"**{volume:.6g}** (reward x nats) against the reference point reward = {ref_point[0]:.6g}, "
         f"KL = {ref_point[1]:.6g}" + (" (default: min reward and max KL over the trials, each pushed 10% of "
                                     "its range further)." if ref_is_default else " (given)."), "",
-        _markdown_table(front.assign(hyperparameters=[_label(r, hyper) for r in front.to_dict("records")])[
+        _markdown_table(table[table["on_front"]].sort_values("kl").assign(
+            hyperparameters=lambda d: [_label(r, hyper) for r in d.to_dict("records")])[
             ["trial_id", "objective", "hyperparameters", "reward", "kl"]]), "",
         "![pareto](pareto.png)", "",
         "All trials: [pareto.csv](pareto.csv).", "",
+        "## Against DPO's beta frontier at matched KL", "",
+        "Every trained setting of another objective against DPO at its own KL (rule above): the frontier's "
+        "value at the setting's KL, the paired difference with its 95% t interval over seed units, and "
+        "the verdict; `outside` = the setting's KL is beyond the largest DPO KL on some unit (no "
+        "extrapolation). Δ vs DPO (selected) compares with the selected DPO setting on the same units.", "",
+        _markdown_table(_matched_table(study)), "",
+        "## The whole grid (test prompts)", "",
+        "Every setting, mean [95% t interval] over its seed units; `selection` is the metric the rule "
+        "ranks (validation worst case, or the test one under the oracle rule).", "",
+        _markdown_table(_grid_table(study)), "",
     ]
     write_text_atomic(paths.report_md, "\n".join(lines))
     return paths
+
+
+def _rules(study: study_lib.Study) -> list[str]:
+    selection = (
+        "**Selection (honest):** per objective, the setting with the highest mean worst-case reward on the "
+        "*validation* prompts (disjoint from the test prompts every number below comes from; ties: lower "
+        "validation KL). The `oracle` column is the best test worst case any setting of the objective "
+        "reached: selection on the reported numbers, shown only as an upper bound."
+        if study.rule == "validation" else
+        "**Selection (oracle):** these rows have no validation prompts, so the setting per objective is the "
+        "one with the highest mean *test* worst-case reward: selection on the reported numbers, optimistic "
+        "for objectives with more settings (`robust-dpo run` sets aside validation prompts).")
+    return [
+        selection, "",
+        "Worst-case reward = min of the reward over every evaluated (shift, level); mixture AUC = trapezoid "
+        "integral of J(alpha) over the mixture grid; reward at the training mixture = J(alpha_train); KL = "
+        "mean sequence KL(policy || reference) of the samples. Each cell: mean over seed units (training "
+        "seed x world) [95% Student-t interval, t_{0.975, n-1} s / sqrt(n)]. **vs DPO at matched KL**: per "
+        "unit, the setting's worst case minus DPO's frontier at the setting's KL (DPO's beta settings and "
+        "the untrained reference at KL 0, linearly interpolated; no extrapolation), then the t interval "
+        "of those paired differences; verdict `holds` when the interval is above 0, `does not hold` when "
+        "below, else `inconclusive`.",
+    ]
+
+
+def _selected_table(study: study_lib.Study) -> pd.DataFrame:
+    oracle = dict(zip(study.oracle["objective"], study.oracle["worst_reward"]))
+    rows = []
+    for row in study.selected.sort_values("worst_reward", ascending=False, kind="stable").to_dict("records"):
+        diff = study.matched["worst_reward"].get(row["setting"])
+        rows.append({
+            "objective": row["objective"], "selected setting": row["setting"], "seeds": row["n"],
+            "worst-case reward": _interval(row, "worst_reward"), "mixture AUC": _interval(row, "mixture_auc"),
+            "reward at alpha_train": _interval(row, "train_reward"), "KL": _interval(row, "kl"),
+            "vs DPO at matched KL": study_lib.format_difference(diff),
+            "verdict": diff["verdict"] if diff else "-",
+            "oracle worst case": f"{oracle.get(row['objective'], float('nan')):.3f}"})
+    return pd.DataFrame(rows)
+
+
+def _matched_table(study: study_lib.Study) -> pd.DataFrame:
+    outside = set()
+    for metric in ("worst_reward",):
+        diffs = study_lib.matched_kl_differences(study.per_trial, metric)
+        outside |= set(diffs.loc[diffs["diff"].isna(), "setting"])
+    frontier = study_lib.matched_kl_differences(study.per_trial, "worst_reward").groupby("setting")["frontier"].mean()
+    rows = []
+    for row in study.settings.to_dict("records"):
+        if row["objective"] in (study_lib.BASELINE, study_lib.REFERENCE):
+            continue
+        cells = {"setting": row["setting"], "seeds": row["n"], "KL": _interval(row, "kl"),
+                 "worst case": _interval(row, "worst_reward"),
+                 "DPO frontier there": f"{frontier.get(row['setting'], float('nan')):.3f}"}
+        for metric, name in MATCHED_COLUMNS:
+            if metric in study.matched:
+                diff = study.matched[metric].get(row["setting"])
+                cells[f"Δ {name}"] = study_lib.format_difference(diff) + (f" ({diff['verdict']})" if diff and diff["n"] else "")
+        cells["Δ worst case vs DPO (selected)"] = study_lib.format_difference(study.vs_dpo.get(row["setting"]))
+        cells["note"] = "outside" if row["setting"] in outside else ""
+        rows.append(cells)
+    return pd.DataFrame(rows)
+
+
+MATCHED_COLUMNS = (("worst_reward", "worst case"), ("mixture_auc", "mixture AUC"),
+                   ("train_reward", "reward at alpha_train"), ("kl_p95", "KL p95"), ("kl_cvar95", "KL CVaR95"))
+
+
+def _grid_table(study: study_lib.Study) -> pd.DataFrame:
+    selected = set(study.selected["setting"])
+    rows = []
+    for row in study.settings.sort_values(["objective", "setting"]).to_dict("records"):
+        cells = {"setting": row["setting"], "seeds": row["n"],
+                 "selection": (f"{row['val_worst_reward']:.3f}" if study.rule == "validation"
+                               else f"{row['worst_reward']:.3f}") + (" (selected)" if row["setting"] in selected else "")}
+        for metric, name in (("worst_reward", "worst case"), ("mixture_auc", "mixture AUC"),
+                             ("train_reward", "reward at alpha_train"), ("kl", "KL"),
+                             ("kl_p95", "KL p95"), ("kl_cvar95", "KL CVaR95")):
+            if metric in row:
+                cells[name] = _interval(row, metric)
+        rows.append(cells)
+    return pd.DataFrame(rows)

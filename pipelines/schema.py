@@ -9,12 +9,15 @@
 Pair rows (format "pairs") carry the text columns `prompt`, `chosen`, `rejected`, the token columns
 `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (responses end with EOS), `row_id`
 ("<file>:row <index>" provenance), and optional pass-through columns:
-    group (str), source (str), weight (float), calibration (float),
+    group (str), source (str), weight (float), calibration (float: DoRA's h~ from a source classifier),
+    calibration_oracle (float: h~ from the exact source densities, where the data knows them),
+    p_target_chosen / p_target_rejected (float in [0, 1]: P(target source | response), from which a
+    source_mixture shift recomputes `calibration` for the new mix),
     reward_<name>_chosen / reward_<name>_rejected (float: a known reward's score of each response),
     flipped (bool: set by the label_flip shift).
 Listwise rows (format "listwise") carry `prompt`, `responses` (list[str]), `scores` (list[float]),
-`prompt_input_ids`, `responses_input_ids` (list[list[int]]), and optionally `calibration`
-(list[float], one per response), `group`, `source`, `weight`, `reward_<name>` (list[float]).
+`prompt_input_ids`, `responses_input_ids` (list[list[int]]), and optionally `calibration`,
+`calibration_oracle`, `p_target` (list[float], one per response), `group`, `source`, `weight`, `reward_<name>` (list[float]).
 The reference stage adds `reference_chosen_logps` / `reference_rejected_logps` (float), or
 `reference_logps` (list[float]) for listwise rows.
 """
@@ -37,7 +40,8 @@ PAIR_TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 PAIR_TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 LIST_TEXT_COLUMNS = ("prompt", "responses", "scores")
 LIST_TOKEN_COLUMNS = ("prompt_input_ids", "responses_input_ids")
-PASSTHROUGH_COLUMNS = ("group", "source", "weight", "calibration")
+CALIBRATION_COLUMNS = ("calibration", "calibration_oracle")  # DoRA's h~ (objective.calibration picks one)
+PASSTHROUGH_COLUMNS = ("group", "source", "weight", *CALIBRATION_COLUMNS)
 REWARD_PREFIX = "reward_"
 REFERENCE_PAIR_COLUMNS = ("reference_chosen_logps", "reference_rejected_logps")
 REFERENCE_LIST_COLUMN = "reference_logps"

@@ -67,12 +67,15 @@ class SearchConfig:
     asha_grace_period: int = 1  # reports before a trial may be stopped
     max_failures: int = 0  # trial-driver restarts (ray.tune.FailureConfig); worker restarts are train.max_failures
     seed: int = 0  # optuna sampler seed
+    seeds: int = 1  # grid: train every grid point this many times, training seeds train.seed + 0 .. seeds - 1 (trial names end in -seed_K)
     overrides: dict = field(default_factory=dict)  # objective -> {hyperparameter: value or [values]}
 
     def __post_init__(self):
         if not self.objectives:
             raise config_lib.FieldError("objectives", "is empty")
-        config_lib.check(self, ">= 1", "num_samples")
+        config_lib.check(self, ">= 1", "num_samples", "seeds")
+        if self.seeds > 1 and self.search != "grid":
+            raise config_lib.FieldError("seeds", f"= {self.seeds} repeats grid points: it needs search.search=grid")
         stray = sorted(set(self.overrides) - set(self.objectives))
         if stray:
             raise config_lib.FieldError(f"overrides.{stray[0]}", "is not among the swept objectives")
@@ -112,20 +115,28 @@ class TuneConfig:
 # [1] Trials: explicit, validated, deterministically named --------------------------------------
 
 
-def trial_name(objective: dict[str, Any]) -> str:
-    """`kldpo-beta_0.1-tau_0.5`: readable, stable across reruns (keys sorted), path-safe, no '='
-    (evaluate's `--checkpoint NAME=PATH` splits on it)."""
+def trial_name(objective: dict[str, Any], seed: int | None = None) -> str:
+    """`kldpo-beta_0.1-tau_0.5` (`-seed_2` appended for a repeated grid point): readable, stable across
+    reruns (keys sorted), path-safe, no '=' (evaluate's `--checkpoint NAME=PATH` splits on it)."""
     parts = [objective["name"]] + [f"{k}_{objective[k]}" for k in sorted(objective) if k != "name"]
     name = "-".join(str(p).replace("/", "_").replace(" ", "") for p in parts)
     if len(name) > 120:  # long override lists: keep it a valid directory name
         name = f"{objective['name']}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
-    return name
+    return name if seed is None else f"{name}-seed_{seed}"
 
 
-def trial_train_config(cfg: TuneConfig, objective: dict[str, Any], output_dir: Path):
-    """The TrainConfig of one trial: base values <- the trial's objective section."""
+def config_trial_name(config: dict[str, Any]) -> str:
+    """The trial name of a Tune trial's config (its objective section and, with search.seeds > 1, seed)."""
+    return trial_name(config["objective"], config.get("seed"))
+
+
+def trial_train_config(cfg: TuneConfig, objective: dict[str, Any], output_dir: Path, seed: int | None = None):
+    """The TrainConfig of one trial: base values <- the trial's objective section (and its training
+    seed: train.seed + the repetition index)."""
     values = config_lib.deep_merge(cfg.base, {"objective": objective, "output": str(output_dir)})
     values["objective"] = {**cfg.base.get("objective", {}), **objective}
+    if seed is not None:
+        values["train"] = {**values.get("train", {}), "seed": int(values.get("train", {}).get("seed", 0)) + seed}
     return build_train_config(values)
 
 
@@ -214,14 +225,14 @@ def train_driver_fn(config: dict[str, Any], tables: dict | None = None) -> None:
     from pipelines import train as train_lib
 
     cfg = config_lib.build(TuneConfig, config["stage"])
-    objective = dict(config["objective"])
-    name = trial_name(objective)
+    objective, seed = dict(config["objective"]), config.get("seed")
+    name = trial_name(objective, seed)
     trial_dir = Path(cfg.output) / TRIALS_DIR / name
     result_file = trial_dir / TRIAL_RESULT
     if result_file.is_file():  # finished in an earlier run of the same sweep
         ray.tune.report(json.loads(result_file.read_text()))
         return
-    train_cfg = trial_train_config(cfg, objective, trial_dir)
+    train_cfg = trial_train_config(cfg, objective, trial_dir, seed)
     started = time.perf_counter()
     result = train_lib.train(train_cfg, trial_dir, callbacks=[TuneReportCallback()], tables=tables)
     train_seconds = time.perf_counter() - started
@@ -230,7 +241,7 @@ def train_driver_fn(config: dict[str, Any], tables: dict | None = None) -> None:
     scores = ray.get(ray.remote(score_policy).options(**resources, scheduling_strategy="DEFAULT").remote(
         str(result.final_model_path), train_cfg.model.path, train_cfg.data.path, dataclasses.asdict(cfg.trial_eval)))
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-    row = {**final, **scores, "trial_id": name, "objective": objective["name"],
+    row = {**final, **scores, "trial_id": name, "objective": objective["name"], "seed": seed or 0,
            **{f"hp/{k}": v for k, v in objective.items() if k != "name"},
            "final_model": str(result.final_model_path), "train_seconds": train_seconds,
            "sampling_seconds": time.perf_counter() - started - train_seconds}
@@ -264,7 +275,8 @@ def _searches(cfg: TuneConfig) -> list[tuple[str, dict, Any, int]]:
 
     stage = {"stage": json.loads(json.dumps(dataclasses.asdict(cfg)))}
     if cfg.search.search == "grid":
-        return [("grid", {**stage, "objective": tune.grid_search(grid_sections(cfg))}, None, 1)]
+        seeds = {"seed": tune.grid_search(list(range(cfg.search.seeds)))} if cfg.search.seeds > 1 else {}
+        return [("grid", {**stage, "objective": tune.grid_search(grid_sections(cfg)), **seeds}, None, 1)]
     from ray.tune.search.optuna import OptunaSearch
 
     runs = []
@@ -293,12 +305,14 @@ def collect_trials(output_dir: Path) -> pd.DataFrame:
     """trials.csv: one row per finished trial (from each trial's trial_result.json)."""
     rows = [json.loads(p.read_text()) for p in sorted((output_dir / TRIALS_DIR).glob(f"*/{TRIAL_RESULT}"))]
     frame = pd.DataFrame(rows)
+    hyperparameters = [c.removeprefix("hp/") for c in frame.columns if c.startswith("hp/")]
     if len(frame):
         frame = frame.rename(columns=lambda c: c.removeprefix("hp/"))
         lead = ["trial_id", "objective", "reward", "kl"]
         frame = frame[lead + [c for c in frame.columns if c not in lead]]
     with atomic_path(output_dir / "trials.csv") as tmp:
         frame.to_csv(tmp, index=False)
+    frame.attrs["hyperparameters"] = hyperparameters
     return frame
 
 
@@ -336,7 +350,7 @@ def tune(cfg: TuneConfig) -> pd.DataFrame:
             tables = read_training_tables(train_cfg)
     trainable = ray.tune.with_resources(ray.tune.with_parameters(train_driver_fn, tables=tables), resources)
     searches = _searches(cfg)
-    total = sum(len(space["objective"]["grid_search"]) if label == "grid" else samples
+    total = sum(len(space["objective"]["grid_search"]) * cfg.search.seeds if label == "grid" else samples
                 for label, space, _, samples in searches)
     say("tune", f"{total} trial(s), up to {limit} at a time; trials in {output_dir / TRIALS_DIR}")
     failed: list[tuple[str, str, str]] = []
@@ -354,7 +368,7 @@ def tune(cfg: TuneConfig) -> pd.DataFrame:
                 # already imported) runs the next trial, instead of a new process per trial.
                 tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
                                                 max_concurrent_trials=limit, reuse_actors=True,
-                                                trial_dirname_creator=lambda t: trial_name(t.config["objective"])),
+                                                trial_dirname_creator=lambda t: config_trial_name(t.config)),
                 run_config=ray.tune.RunConfig(
                     name=f"tune-{label}", storage_path=str(output_dir / "tune"),
                     failure_config=ray.tune.FailureConfig(max_failures=cfg.search.max_failures),
@@ -370,7 +384,7 @@ def tune(cfg: TuneConfig) -> pd.DataFrame:
         timings.child(name, trial)
     if len(trials):
         with timings.phase("report"):
-            report.write_pareto(trials, output_dir)
+            report.write_pareto(trials, output_dir, setting_cols=trials.attrs["hyperparameters"])
         tracking_lib.log_report(cfg.tracking_config(), output_dir, output_dir.name,
                                 [output_dir / name for name in ("trials.csv", "pareto.csv", "pareto.png")])
     for name, first, log in failed:
@@ -385,7 +399,7 @@ def tune(cfg: TuneConfig) -> pd.DataFrame:
 def record_failure(output_dir: Path, result) -> tuple[str, str, str]:
     """A failed trial's name, the first line of its error, and `trials/<name>/error.txt` (written here:
     the whole error with its traceback)."""
-    name = trial_name(result.config["objective"]) if result.config else Path(result.path).name
+    name = config_trial_name(result.config) if result.config else Path(result.path).name
     text = "".join(traceback.format_exception(result.error))
     path = output_dir / TRIALS_DIR / name / "error.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -407,11 +421,11 @@ def trial_progress_callback(progress: Progress):
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "step" in result:
-                self.steps[trial_name(trial.config["objective"])] = str(int(result["step"]))
+                self.steps[config_trial_name(trial.config)] = str(int(result["step"]))
                 progress.note(self._note())
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.steps.pop(trial_name(trial.config["objective"]), None)
+            self.steps.pop(config_trial_name(trial.config), None)
             progress.update(1, postfix=self._note() or "-")
 
         def on_trial_error(self, iteration, trials, trial, **info):

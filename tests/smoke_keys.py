@@ -8,4 +8,5 @@ SMOKE_RUN_KEYS = ["synth.n_train=128", "synth.n_eval=32", "synth.ref_steps=30", 
                   "train.micro_batch_size=16", "train.checkpoint_every=1", "trial_eval.num_prompts=4",
                   "trial_eval.samples_per_prompt=2", "evaluate.generation.num_prompts=4",
                   "evaluate.generation.samples_per_prompt=2",
-                  "run.grid=[mixture:alpha=0:1:5, label_flip:eps=0:0.4:3, source_mixture:target=0:1:3]"]
+                  "run.grid=[mixture:alpha=0:1:5, label_flip:eps=0:0.4:3, source_mixture:target=0:1:3]",
+                  "run.frontier_betas=[]"]  # DPO's frontier: its one beta and the reference (no extra trials)

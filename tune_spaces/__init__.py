@@ -70,6 +70,14 @@ def validate_keys(objective: str, keys: Iterable[str], where: str = "overrides")
         ) from error
 
 
+def input_keys(objective: str) -> tuple[str, ...]:
+    """Keys of an objective section that choose an input rather than a hyperparameter: `calibration`
+    (which column is DoRA's h~: calibration, calibration_oracle, or one) for objectives that read one."""
+    from robust_objectives import get_spec
+
+    return ("calibration",) if get_spec(objective).needs_calibration else ()
+
+
 def _resolve(
     objective: str, overrides: Optional[Mapping[str, Any]]
 ) -> tuple[ObjectiveSpace, dict[str, ParamSpace], dict[str, Any]]:
@@ -79,7 +87,7 @@ def _resolve(
     if "name" in overrides:
         raise ValueError("overrides: 'name' is the objective itself; pass it as `objective`")
     validate_keys(objective, space.params, where=f"tune_spaces.{space.family}")
-    validate_keys(objective, overrides)
+    validate_keys(objective, [k for k in overrides if k not in input_keys(objective)])
     variant = space.default_variant
     if space.variant_param is not None and space.variant_param in overrides:
         variant = overrides[space.variant_param]
@@ -160,9 +168,15 @@ def list_grid_points(
     """Every point of the objective's grid as an explicit `objective` section, in a fixed order.
 
     The product is taken over the swept parameters in the space's order (beta first), each in the
-    order of its grid; overrides given as lists are swept too, scalars fixed.  Ray Tune domains in
+    order of its grid; overrides given as lists are swept too, scalars fixed.  A list of variants
+    (Ra-DPO's `risk: [cvar, erm]`) concatenates each variant's grid.  Ray Tune domains in
     `overrides` are rejected here (an explicit grid has no random part).
     """
+    space = get_space(objective)
+    variants = (overrides or {}).get(space.variant_param) if space.variant_param else None
+    if isinstance(variants, (list, tuple)):  # several variants: each one's own grid, in the order given
+        return [point for variant in variants for point in list_grid_points(
+            objective, wide=wide, overrides={**overrides, space.variant_param: variant})]
     space, params, overrides = _resolve(objective, overrides)
     axes: dict[str, list[Any]] = {k: list(p.wide if wide else p.small) for k, p in params.items()}
     for key, value in overrides.items():

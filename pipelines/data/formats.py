@@ -12,7 +12,8 @@ Four input formats normalise into two row shapes (pipelines/schema.py):
 Files are read record by record with a 0-based row index per file (`iter_file_records`), so every
 problem, an unparsable line included, is reported as `<file>:row <index>: <field>: <message>` and
 counted under its `code` (ERROR_CODES).  Optional columns (group, source, weight, calibration,
-reward_<name>..., flipped) are type-checked and passed through; other keys are ignored and listed in
+calibration_oracle, p_target_chosen/p_target_rejected (p_target listwise), reward_<name>..., flipped)
+are type-checked and passed through; other keys are ignored and listed in
 data_stats.json.  `prepare_rows` is the whole per-batch transform the data stage runs in
 `map_batches`: dict of lists in, dict of lists out, one output row per input row.
 """
@@ -23,6 +24,8 @@ import io
 import json
 import math
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
+
+from pipelines.schema import CALIBRATION_COLUMNS
 
 INPUT_FORMATS = ("pairs", "hh", "chat", "listwise")
 # The HH split point (Bai et al. 2022, Anthropic HH-RLHF): the prompt is everything through the LAST
@@ -35,6 +38,8 @@ ERROR_CODES = (
     "prompt_mismatch", "prompt_too_long",
 )
 STRING_PASSTHROUGH = ("group", "source")
+P_TARGET_PAIR = ("p_target_chosen", "p_target_rejected")  # P(target source | response), pair rows
+P_TARGET_LIST = "p_target"  # the same, one per response, listwise rows
 
 Render = Callable[[Sequence[Mapping[str, str]], bool], str]
 
@@ -129,7 +134,8 @@ def ignored_keys(record: Mapping[str, Any], input_format: str) -> list[str]:
     """Keys of `record` that are neither inputs of `input_format` nor pass-through columns."""
     used = {"pairs": {"prompt", "chosen", "rejected"}, "hh": {"chosen", "rejected", "prompt"},
             "chat": {"prompt", "chosen", "rejected"}, "listwise": {"prompt", "responses", "scores"}}
-    known = used[input_format] | set(STRING_PASSTHROUGH) | {"weight", "calibration", "flipped"}
+    known = used[input_format] | set(STRING_PASSTHROUGH) | {"weight", "flipped", *CALIBRATION_COLUMNS,
+                                                            *P_TARGET_PAIR, P_TARGET_LIST}
     return sorted(k for k in record if k not in known and not k.startswith("reward_"))
 
 
@@ -213,9 +219,20 @@ def _extras(record: Mapping[str, Any], n_responses: int | None) -> dict[str, Any
         if not isinstance(record["flipped"], bool):
             raise RowError("flipped", "wrong_type", f"expected true/false, got {_type(record['flipped'])}")
         out["flipped"] = record["flipped"]
-    if record.get("calibration") is not None:
-        out["calibration"] = (_number(record["calibration"], "calibration") if n_responses is None
-                              else _numbers(record, "calibration", n_responses))
+    for key in CALIBRATION_COLUMNS:  # DoRA's h~: the classifier's, and the oracle's where the data has it
+        if record.get(key) is not None:
+            out[key] = _number(record[key], key) if n_responses is None else _numbers(record, key, n_responses)
+    # P(target | response), from which a source_mixture shift recomputes h~ for the new mix
+    for key in (P_TARGET_PAIR if n_responses is None else (P_TARGET_LIST,)):
+        if record.get(key) is None:
+            continue
+        values = [_number(record[key], key)] if n_responses is None else _numbers(record, key, n_responses)
+        if not all(0.0 <= v <= 1.0 for v in values):
+            raise RowError(key, "out_of_range", f"must be in [0, 1], got {record[key]!r}")
+        out[key] = values[0] if n_responses is None else values
+    if n_responses is None and (record.get(P_TARGET_PAIR[0]) is None) != (record.get(P_TARGET_PAIR[1]) is None):
+        present, missing = P_TARGET_PAIR if record.get(P_TARGET_PAIR[0]) is not None else P_TARGET_PAIR[::-1]
+        raise RowError(missing, "missing", f"required because {present} is present")
     rewards = sorted(k for k in record if k.startswith("reward_") and record[k] is not None)
     for key in rewards:
         if n_responses is not None:

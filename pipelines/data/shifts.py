@@ -4,7 +4,7 @@
         (default r1/r2: rewards named r1 and r2, else the first two reward names in sorted order)
     group_weights:G1=w1,G2=w2[,sampling=thin|poisson]
     label_flip:eps=E
-    source_mixture:target=A[,sampling=thin|poisson]
+    source_mixture:target=A[,sampling=thin|poisson]   (recomputes DoRA's `calibration` from p_target_*)
     length:direction=longer|shorter[,strength=S][,sampling=thin|poisson]
     (every spec also takes seed=N; grid form for evaluation: mixture:alpha=0:1:11 -> 11 specs)
 
@@ -360,6 +360,38 @@ def resample_by_key(table, *, column: str, rates: Mapping[str, float], key_map: 
     return resample_rows(table, np.array([rates.get(k, 0.0) for k in keys]), sampling=sampling, seed=seed, tag=tag)
 
 
+P_CLIP = 1e-6  # DoRA gotcha 3 (OBJECTIVES.md 6.5): clip p before (1 - p) / p
+
+
+def dora_calibration(p_target, target_fraction: float) -> np.ndarray:
+    """DoRA's h~ = 1 / (alpha + (1 - alpha) (1 - p) / p) for P(target | response) = p and the target
+    source's share alpha of the data (OBJECTIVES.md 6.2, the official code's formula); in [0, 1/alpha]."""
+    alpha = float(target_fraction)
+    p = np.clip(np.asarray(p_target, dtype=float), P_CLIP, 1.0 - P_CLIP)
+    return 1.0 / (alpha + (1.0 - alpha) * (1.0 - p) / p)
+
+
+def resample_sources(table, *, target: float, recalibrate: bool, **kwargs):
+    """source_mixture: resample rows by source (`resample_by_key`); with P(target | response) columns,
+    recompute `calibration` for the new mix (h~ at alpha = target; a pair's value is the mean of its
+    responses', a list keeps one per response), since the classifier's h~ depends on the mix."""
+    import pyarrow as pa
+
+    table = resample_by_key(table, **kwargs)
+    if not recalibrate:
+        return table
+    if "p_target" in table.column_names:  # listwise: one value per response
+        lists = table.column("p_target").to_pylist()
+        column = pa.array([list(dora_calibration(v, target)) for v in lists], type=pa.list_(pa.float64()))
+    else:
+        chosen = dora_calibration(table.column("p_target_chosen").to_numpy(zero_copy_only=False), target)
+        rejected = dora_calibration(table.column("p_target_rejected").to_numpy(zero_copy_only=False), target)
+        column = pa.array(0.5 * (chosen + rejected), type=pa.float64())
+    if "calibration" in table.column_names:
+        return table.set_column(table.column_names.index("calibration"), "calibration", column)
+    return table.append_column("calibration", column)
+
+
 def _key(value: Any, key_map: Mapping[str, str] | None) -> str:
     if key_map is None:
         return "" if value is None else str(value)
@@ -453,6 +485,10 @@ def _plan(ds, spec: ShiftSpec, names: list[str], listwise: bool, seed: int, tag:
     counts = count_keys(ds, column, key_map)
     targets = group_targets(p) if spec.name == "group_weights" else {"target": p["target"], "other": 1 - p["target"]}
     rates = group_rates(counts, targets, p["sampling"])
+    if spec.name == "source_mixture":
+        recalibrate = "p_target" in names or {"p_target_chosen", "p_target_rejected"} <= set(names)
+        return resample_sources, {"column": column, "rates": rates, "key_map": key_map, "target": p["target"],
+                                  "recalibrate": recalibrate, **common}
     return resample_by_key, {"column": column, "rates": rates, "key_map": key_map, **common}
 
 

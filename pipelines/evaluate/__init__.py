@@ -18,6 +18,9 @@ Per checkpoint (a policy dir loadable by from_pretrained, or a PEFT adapter dir)
   OBJECTIVES.md 7.1) and with the configured reward.  The level's `reward` and `kl` average the
   per-prompt means over the level's rows (so resampling shifts reweight prompts); under the mixture
   shift, level alpha scores the same samples with alpha r1 + (1 - alpha) r2.
+- validation prompts: `generation.validation_fraction` of the sampled prompts (a fixed split by the
+  hash of the prompt text) are held out: `reward`, `kl` average the other (test) prompts only, and
+  `val_reward`, `val_kl` the held-out ones, so a sweep can select on one and report the other.
 
 Outputs in --output: evaluation.csv (one row per checkpoint x shift level), samples.parquet (every
 sample with its KL and rewards), evaluate_config.yaml.  `evaluate(cfg)` returns the same dataframe.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -51,7 +55,7 @@ from robust_objectives.dpo import compute_log_ratios, compute_pair_losses, summa
 
 RESULT_COLUMNS = (
     "trial_id", "checkpoint", "shift", "level", "spec", "reward", "kl", "kl_mc", "pair_accuracy",
-    "pair_ties", "margin", "dpo_loss", "n_pairs", "n_prompts", "n_samples",
+    "pair_ties", "margin", "dpo_loss", "n_pairs", "n_prompts", "n_samples", "val_reward", "val_kl", "val_n_prompts",
 )
 NO_SHIFT = "none"
 
@@ -64,10 +68,13 @@ class GenerationConfig:
     max_new_tokens: int = 32  # response cap in tokens (EOS counts when sampled); >= 1
     batch_size: int = 64  # sequences per sampling forward
     seed: int = 0  # sampling seed; a sample's uniforms depend only on (seed, prompt, sample index)
+    validation_fraction: float = 0.0  # share of the sampled prompts set aside for selection (val_reward, val_kl); reward/kl use the rest
 
     def __post_init__(self):
         config_lib.check(self, ">= 1", "samples_per_prompt", "max_new_tokens", "batch_size")
         config_lib.check(self, ">= 0", "num_prompts")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise config_lib.FieldError("validation_fraction", f"= {self.validation_fraction} is not in [0, 1)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -196,6 +203,14 @@ def pair_metrics(policy_chosen: np.ndarray, policy_rejected: np.ndarray, referen
     }
 
 
+def validation_prompts(prompts: Sequence[str], fraction: float) -> set[str]:
+    """The round(fraction x n) distinct prompts with the smallest sha256 of their text: the sampled
+    prompts held out for selection.  No seed: a prompt is on the same side in every run, for every
+    model and every shift level, and the split does not depend on the other prompts' order."""
+    distinct = sorted(set(prompts), key=lambda p: (hashlib.sha256(p.encode()).hexdigest(), p))
+    return set(distinct[: round(fraction * len(distinct))])
+
+
 def weighted_prompt_metrics(level_prompts: Sequence[str], per_prompt: pd.DataFrame, columns: Sequence[str]) -> dict:
     """Average per-prompt sample means over a level's rows.
 
@@ -306,19 +321,26 @@ def sample_checkpoints(ds, checkpoints, cfg: EvaluateConfig, gpu: bool, tokenize
         frame = gen.to_pandas()
         frame.insert(0, "trial_id", [chunk[m][0] for m in frame.pop("model_index")])
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+    samples = pd.concat(frames, ignore_index=True)
+    held_out = validation_prompts(prompt_table["prompt"], cfg.generation.validation_fraction)
+    samples["prompt_set"] = np.where(samples["prompt"].isin(held_out), "validation", "test")
+    return samples
 
 
 def summarise_levels(checkpoints, levels, level_rows, samples: Optional[pd.DataFrame], level_reward: dict,
                      beta: float) -> pd.DataFrame:
-    """[d] One row per checkpoint x level (RESULT_COLUMNS)."""
+    """[d] One row per checkpoint x level (RESULT_COLUMNS): generative metrics on the test prompts, and
+    on the validation prompts (val_*) when `samples` has a `prompt_set` column naming some."""
     rows = []
     for i, (trial_id, path) in enumerate(checkpoints):
-        mine = per_prompt = None
+        mine = per_prompt = val_prompt = None
         if samples is not None:
             mine = samples[samples["trial_id"] == trial_id]
             metric_cols = ["kl", "kl_mc"] + [c for c in mine.columns if c.startswith("reward_")]
-            per_prompt = mine.groupby("prompt")[metric_cols].mean()
+            held_out = mine["prompt_set"] == "validation" if "prompt_set" in mine else np.zeros(len(mine), bool)
+            per_prompt = mine[~held_out].groupby("prompt")[metric_cols].mean()
+            val_prompt = mine[held_out].groupby("prompt")[metric_cols].mean() if held_out.any() else None
+            mine = mine[~held_out]
         for name, level, text in levels:
             table = level_rows[(name, text)]
             row = {"trial_id": trial_id, "checkpoint": path, "shift": name, "level": level, "spec": text}
@@ -331,6 +353,10 @@ def summarise_levels(checkpoints, levels, level_rows, samples: Optional[pd.DataF
                 row |= {"kl": gen["kl"], "kl_mc": gen["kl_mc"], "n_prompts": gen["n_prompts"],
                         "reward": gen.get(key, float("nan")),
                         "n_samples": int(mine["prompt"].isin(set(table["prompt"])).sum())}
+                if val_prompt is not None:
+                    val = weighted_prompt_metrics(table["prompt"], val_prompt, cols)
+                    row |= {"val_reward": val.get(key, float("nan")), "val_kl": val["kl"],
+                            "val_n_prompts": val["n_prompts"]}
             rows.append(row)
     return pd.DataFrame(rows).reindex(columns=list(RESULT_COLUMNS))
 

@@ -47,6 +47,7 @@ from pipelines import schema
 from pipelines.console import Progress, say
 from pipelines.errors import UserError
 from pipelines.paths import atomic_path
+from pipelines.schema import CALIBRATION_COLUMNS
 from pipelines.train import config as tc
 from pipelines.train.config import TrainConfig, train_config_to_dict
 from pipelines.train.loop import FAIL_ENV, RunPlan, train_fn_per_worker
@@ -71,13 +72,34 @@ class TrainResult:
 
 
 def _read_columns(info: tc.DatasetInfo, cfg: TrainConfig, columns: Sequence[str]) -> list[str]:
+    """The columns training reads: tokens, the reference's log-probs (precomputed mode) and every
+    calibration column (a sweep's trials share one read and pick theirs: `_calibration_column`)."""
     if info.format == "listwise":
-        wanted = list(schema.LIST_TOKEN_COLUMNS) + ["scores", "calibration", schema.REFERENCE_LIST_COLUMN]
+        wanted = list(schema.LIST_TOKEN_COLUMNS) + ["scores", *CALIBRATION_COLUMNS, schema.REFERENCE_LIST_COLUMN]
     else:
-        wanted = list(schema.PAIR_TOKEN_COLUMNS) + ["calibration", *schema.REFERENCE_PAIR_COLUMNS]
+        wanted = list(schema.PAIR_TOKEN_COLUMNS) + [*CALIBRATION_COLUMNS, *schema.REFERENCE_PAIR_COLUMNS]
     if cfg.reference.mode == "live":
         wanted = [c for c in wanted if not c.startswith("reference_")]
     return [c for c in wanted if c in columns]
+
+
+def _calibration_column(table, cfg: TrainConfig):
+    """The `calibration` column the objective reads: objective.calibration's column, or ones ("one":
+    h~ = 1, DoRA's DRO-only ablation); the other calibration columns are dropped."""
+    import pyarrow as pa
+
+    source = cfg.objective.calibration
+    column = None
+    if source == "one":
+        if "responses_input_ids" in table.column_names:
+            column = pa.array([[1.0] * len(r) for r in table.column("responses_input_ids").to_pylist()],
+                              type=pa.list_(pa.float64()))
+        else:
+            column = pa.array([1.0] * table.num_rows, type=pa.float64())
+    elif source in table.column_names:
+        column = table.column(source)
+    table = table.drop([c for c in CALIBRATION_COLUMNS if c in table.column_names])
+    return table if column is None else table.append_column("calibration", column)
 
 
 def _check_resumable(cfg: TrainConfig, output_dir: Path) -> None:
@@ -190,7 +212,7 @@ def build_trainer(cfg: TrainConfig, output_dir: Path, info: tc.DatasetInfo, plan
         table = (tables or {}).get(split)
         if table is None:
             table = read_split(data_path, split, columns)
-        ds = ray.data.from_arrow(table.select(columns))
+        ds = ray.data.from_arrow(_calibration_column(table.select(columns), cfg))
         ds.context.enable_progress_bars = False  # workers print one line per report instead
         ds.context.execution_options.preserve_order = True  # sorted file order, run after run
         datasets[name] = ds

@@ -70,6 +70,7 @@ class TrainDataConfig:
 class ObjectiveConfig:
     name: str  # a key of robust_objectives.OBJECTIVES; required
     hyperparameters: dict = field(default_factory=dict)  # resolved: defaults <- user values (beta, tau, ...)
+    calibration: str = "calibration"  # DoRA's h~: the dataset column to read (calibration, calibration_oracle) or "one" (h~ = 1: DRO only)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ObjectiveConfig":
@@ -185,7 +186,13 @@ def resolve_objective_config(values: Mapping[str, Any] | None) -> ObjectiveConfi
     name = values.pop("name", None)
     if name is None:
         raise UserError(f"config key 'objective.name' is required; valid names: {', '.join(sorted(ro.OBJECTIVES))}")
+    calibration = values.pop("calibration", ObjectiveConfig.calibration)
+    if not isinstance(calibration, str) or not calibration:
+        raise UserError(f"config key 'objective.calibration': expected a column name or 'one', got {calibration!r}")
     try:
+        if calibration != ObjectiveConfig.calibration and not ro.get_spec(name).needs_calibration:
+            raise UserError(f"config key 'objective.calibration': objective {name!r} takes no calibration "
+                            f"(only {', '.join(sorted(ro.NEEDS_CALIBRATION))} do)")
         defaults = ro.objective_hyperparameters(name)
         coerced = {
             key: config_lib._coerce(value, type(defaults[key]), f"objective.{key}")
@@ -205,7 +212,7 @@ def resolve_objective_config(values: Mapping[str, Any] | None) -> ObjectiveConfi
         ) from error
     except ValueError as error:
         raise UserError(f"config key 'objective': {error}") from error
-    return ObjectiveConfig(name=name, hyperparameters=resolved)
+    return ObjectiveConfig(name=name, hyperparameters=resolved, calibration=calibration)
 
 
 def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
@@ -220,8 +227,12 @@ def train_config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     `build_train_config(train_config_to_dict(cfg)) == cfg`; this dict is what crosses the Ray
     boundary as `train_loop_config` and what is written to DIR/config.yaml.
     """
+    import robust_objectives as ro
+
     out = dataclasses.asdict(cfg)
     out["objective"] = {"name": cfg.objective.name, **cfg.objective.hyperparameters}
+    if ro.get_spec(cfg.objective.name).needs_calibration:
+        out["objective"]["calibration"] = cfg.objective.calibration
     return out
 
 
@@ -358,9 +369,12 @@ def inspect_dataset(cfg: TrainConfig) -> DatasetInfo:
     missing = [c for c in needed if c not in columns]
     if missing:
         raise UserError(f"dataset '{cfg.data.path}' split '{cfg.data.train_split}' lacks column(s) {missing}")
-    if spec.needs_calibration and "calibration" not in columns:
+    source = cfg.objective.calibration
+    if spec.needs_calibration and source != "one" and source not in columns:
+        others = ", ".join(c for c in columns if "calibration" in c) or "none"
         raise UserError(
-            f"objective {name!r} needs a 'calibration' column (DoRA's h~); dataset '{cfg.data.path}' has none"
+            f"objective {name!r} needs a '{source}' column (DoRA's h~, objective.calibration); dataset "
+            f"'{cfg.data.path}' has none (its calibration columns: {others}; objective.calibration=one sets h~ = 1)"
         )
     eval_split: str | None
     if cfg.data.eval_split == "none":

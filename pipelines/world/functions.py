@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.data.shifts import dora_calibration
 from pipelines.errors import UserError
 
 WORLD_FILE = "world.json"
@@ -40,7 +41,6 @@ WORLD_VERSION = 1
 FEATURE_REWARDS = ("r1", "r2", "r3")
 MIXTURE_FORMS = ("convex", "geometric")
 _PAD, _UNKNOWN = -1, -2  # token codes in the id matrices below
-_P_CLIP = 1e-6  # DoRA gotcha 3 (OBJECTIVES.md 6.5): clip p before (1-p)/p
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -335,8 +335,7 @@ class World:
             (N,) in [0, 1/alpha].
         """
         alpha = float(self.spec["config"]["target_fraction"] if target_fraction is None else target_fraction)
-        p = np.clip(np.asarray(p_target, dtype=float), _P_CLIP, 1.0 - _P_CLIP)
-        return 1.0 / (alpha + (1.0 - alpha) * (1.0 - p) / p)
+        return dora_calibration(p_target, alpha)
 
     def p_target_oracle(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """(N,) exact Q0 / (Q0 + Q1) from the known generators (equal priors), for the oracle h~."""

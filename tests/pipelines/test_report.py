@@ -13,9 +13,7 @@ from pipelines.report import (
     build_pareto_table,
     build_robustness_table,
     robustness_panels,
-    select_best_trials,
     shift_metric,
-    summarise_trials,
     write_pareto,
     write_report,
 )
@@ -74,14 +72,19 @@ def test_robustness_table_joins_objective_and_keeps_extras():
     assert no_reward["reward"].isna().all()  # reported as missing, not dropped
 
 
-def test_best_trial_rule_and_shift_metrics():
+def test_selection_rule_and_shift_metrics():
+    from pipelines.study import Study
+
     rob = build_robustness_table(_robustness(), _trials())
-    summary = summarise_trials(rob).set_index("trial_id")
-    assert summary.loc["a", "worst_reward"] == pytest.approx(0.2)
-    assert summary.loc["a", "mean_reward"] == pytest.approx(0.70)
-    assert summary.loc["b", "mean_reward"] == pytest.approx(0.72)
-    best = select_best_trials(summarise_trials(rob)).set_index("objective")
-    assert best.loc["kldpo", "trial_id"] == "b" and best.loc["dpo", "trial_id"] == "a"  # tie on worst -> average
+    study = Study(_trials(), rob, ["tau"], train_alpha=0.1)
+    per_trial = study.per_trial.set_index("trial_id")
+    assert per_trial.loc["a", "worst_reward"] == pytest.approx(0.2)
+    # J(0.1) on the grid 0, .5, 1 of a: 0.9 + 0.1 / 0.5 * (0.6 - 0.9) = 0.84; AUC .25 * (.9 + .6) + .25 * (.6 + .2)
+    assert per_trial.loc["a", "train_reward"] == pytest.approx(0.84)
+    assert per_trial.loc["a", "mixture_auc"] == pytest.approx(0.575)
+    # No validation prompts: the oracle rule; b and c tie on worst (0.5) and KL -> the setting name
+    assert study.rule == "oracle"
+    assert dict(zip(study.selected["objective"], study.selected["setting"])) == {"dpo": "dpo", "kldpo": "kldpo tau=0.5"}
     assert shift_metric(rob, "mixture") == "reward" and shift_metric(rob, "label_flip") == "pair_accuracy"
     assert robustness_panels(rob) == [("mixture", "reward"), ("mixture", "pair_accuracy"),
                                       ("label_flip", "pair_accuracy")]
@@ -102,10 +105,11 @@ def test_write_report_files(tmp_path):
     points = _trials()[["reward", "kl"]].to_numpy()
     ref = pareto.default_reference_point(points)
     assert f"{pareto.hypervolume(points, ref):.6g}" in text
-    # The worst-case table is sorted by worst-case reward: kldpo (0.5) above dpo (0.2).
+    # The worst-case table is sorted by worst-case reward: kldpo (0.5) above dpo (0.2); one seed: no interval.
     table_lines = [line for line in text.splitlines() if line.startswith("| kldpo") or line.startswith("| dpo")]
     assert [line.split("|")[1].strip() for line in table_lines[:2]] == ["kldpo", "dpo"]
-    assert "| kldpo | b | tau=0.5 | 0.5000 | 0.7200 |" in text
+    assert "| kldpo | kldpo tau=0.5 | 1 | 0.500 |" in text
+    assert "Selection (oracle)" in text
     assert "![pareto](pareto.png)" in text and "![robustness](robustness.png)" in text
 
 
@@ -120,4 +124,34 @@ def test_write_pareto_alone_and_the_reference_baseline(tmp_path):
                                     "reward": 0.4, "kl": 0.0, "pair_accuracy": 0.0}])])
     paths = write_report(_trials(), rob, tmp_path / "full")
     assert pd.read_csv(paths.robustness_csv).query("trial_id == 'ref'")["pair_accuracy"].tolist() == [0.0]
-    assert "| reference | ref |  | 0.4000 | 0.4000 | n/a |" in paths.report_md.read_text()
+    assert "| reference | reference | 1 | 0.400 |" in paths.report_md.read_text()
+
+
+def test_write_report_with_seeds_gives_intervals_and_dpo_at_matched_kl(tmp_path):
+    """Two seeds.  Worst cases: reference .5 (KL 0); dpo beta=1 .4/.3 (KL 1); dpo beta=0.1 .1/.2 (KL 3);
+    kldpo .30/.35 (KL 2) -> DPO's frontier at KL 2 is .25 on both seeds -> +.05/+.10, mean +.075."""
+    worst = {("dpo", 1.0, 0): (0.4, 1.0), ("dpo", 1.0, 1): (0.3, 1.0), ("dpo", 0.1, 0): (0.1, 3.0),
+             ("dpo", 0.1, 1): (0.2, 3.0), ("kldpo", 0.1, 0): (0.30, 2.0), ("kldpo", 0.1, 1): (0.35, 2.0)}
+    trials, rows = [], []
+    for (objective, beta, seed), (value, kl) in worst.items():
+        trial = f"{objective}-{beta}-{seed}"
+        trials.append({"trial_id": trial, "objective": objective, "beta": beta, "seed": seed, "reward": value, "kl": kl})
+        rows += [{"trial_id": trial, "shift": "mixture", "level": a, "reward": r, "kl": kl, "pair_accuracy": 0.6}
+                 for a, r in ((0.0, 0.9), (1.0, value))]
+    rows += [{"trial_id": "ref", "objective": "reference", "shift": "mixture", "level": a, "reward": r, "kl": 0.0,
+              "pair_accuracy": 0.0} for a, r in ((0.0, 0.9), (1.0, 0.5))]
+    trials = pd.DataFrame(trials)
+    rob = pd.DataFrame(rows).assign(objective=lambda d: d["trial_id"].map(
+        dict(zip(trials["trial_id"], trials["objective"]))).fillna("reference"))
+    paths = write_report(trials, rob, tmp_path, hyperparameter_cols=["beta"], train_levels={"mixture": 0.1})
+    settings = pd.read_csv(tmp_path / "settings.csv").set_index("setting")
+    assert settings.loc["kldpo beta=0.1", "n"] == 2
+    assert settings.loc["kldpo beta=0.1", "vs_dpo_worst_reward"] == pytest.approx(0.075)
+    assert settings.loc["kldpo beta=0.1", "vs_dpo_worst_reward_verdict"] == "inconclusive"
+    assert np.isnan(settings.loc["dpo beta=1", "vs_dpo_worst_reward"])  # DPO is the frontier itself
+    assert settings.loc["dpo beta=1", "selected"]  # the better worst case of DPO's two betas (oracle rule here)
+    text = paths.report_md.read_text()
+    mean, lo, hi, _ = __import__("pipelines.study", fromlist=["t"]).t_interval([0.30, 0.35])
+    assert f"| kldpo | kldpo beta=0.1 | 2 | {mean:.3f} [{lo:.3f}, {hi:.3f}] |" in text
+    assert "## Against DPO's beta frontier at matched KL" in text and "+0.075 [" in text
+    assert len(pd.read_csv(tmp_path / "trial_metrics.csv")) == 7
