@@ -29,7 +29,8 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -253,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=None, help="CLAIMS.md path (default benchmarks/CLAIMS.md; WORK/CLAIMS.md with --smoke)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
     parser.add_argument("--smoke", action="store_true", help="tiny world, two optimizer steps, smallest grids")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="scenario runs at once (each its own Ray session: their start-up phases overlap)")
     parser.add_argument("--from-runs", action="store_true",
                         help="rebuild the table from WORK's finished runs (and their recorded wall times) without running")
     args = parser.parse_args(argv)
@@ -262,13 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.scenarios.split(",") if n]
     log = lambda m: print(f"[claims] {m}", file=sys.stderr, flush=True)  # noqa: E731
     started = time.perf_counter()
-    seconds, runs = {}, {}
-    for name in names:
-        if args.from_runs:
-            seconds[name] = float((work / f"{name}.seconds").read_text())
-        else:
-            seconds[name] = run_scenario(name, work, args.seeds, args.smoke, log)
-        runs[name] = read_run(work / name)
+    if args.from_runs:
+        seconds = {name: float((work / f"{name}.seconds").read_text()) for name in names}
+    else:
+        with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+            done = pool.map(lambda name: run_scenario(name, work, args.seeds, args.smoke, log), names)
+            seconds = dict(zip(names, done))
+    runs = {name: read_run(work / name) for name in names}
     rows = [measure(claim, *runs[claim.scenario]) for claim in CLAIMS if claim.scenario in runs]
     given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--from-runs"]
     command = ("python -m benchmarks.claims " + shlex.join(given)).strip()

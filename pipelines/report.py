@@ -489,7 +489,7 @@ def _selected_table(study: study_lib.Study) -> pd.DataFrame:
             "worst-case reward": _interval(row, "worst_reward"), "mixture AUC": _interval(row, "mixture_auc"),
             "reward at alpha_train": _interval(row, "train_reward"), "KL": _interval(row, "kl"),
             "vs DPO at matched KL": study_lib.format_difference(diff),
-            "verdict": diff["verdict"] if diff else "-",
+            "verdict": diff["verdict"] if diff and diff["n"] else "-",
             "oracle worst case": f"{oracle.get(row['objective'], float('nan')):.3f}"})
     return pd.DataFrame(rows)
 

@@ -82,8 +82,8 @@ def test_every_claim_names_a_scenario_and_a_metric_the_report_has():
 def test_every_scenario_runs_one_seed_through_the_product(tmp_path):
     """`python -m benchmarks.claims --smoke`: each scenario's `robust-dpo run` on a tiny world, then CLAIMS.md."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ROBUST_DPO_", "RAY_ADDRESS"))}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.claims", "--smoke", "--seeds", "1", "--work",
-                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.claims", "--smoke", "--seeds", "1", "--parallel", "2",
+                           "--work", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     table = [line for line in (tmp_path / "CLAIMS.md").read_text().splitlines() if line.startswith("| ") and
              line.split("|")[1].strip().isdigit()]
