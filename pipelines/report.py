@@ -241,8 +241,7 @@ def plot_robustness(df: pd.DataFrame, study: study_lib.Study, path: Path, train_
     ncols = 2
     nrows = -(-(len(panels) + 1) // ncols)
     colours = objective_colours(df["objective"])
-    keys = study_lib.trial_settings(pd.DataFrame(columns=["trial_id", "objective"]), df, [])
-    keys = study.per_trial[["trial_id", "setting"]] if len(study.per_trial) else keys
+    keys = study.per_trial[["trial_id", "setting"]]
     selected = set(study.selected["setting"])
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.4 * nrows), dpi=120, squeeze=False)
     for ax in axes.flat[len(panels) + 1:]:
@@ -495,11 +494,9 @@ def _selected_table(study: study_lib.Study) -> pd.DataFrame:
 
 
 def _matched_table(study: study_lib.Study) -> pd.DataFrame:
-    outside = set()
-    for metric in ("worst_reward",):
-        diffs = study_lib.matched_kl_differences(study.per_trial, metric)
-        outside |= set(diffs.loc[diffs["diff"].isna(), "setting"])
-    frontier = study_lib.matched_kl_differences(study.per_trial, "worst_reward").groupby("setting")["frontier"].mean()
+    diffs = study.matched_diffs["worst_reward"]
+    outside = set(diffs.loc[diffs["diff"].isna(), "setting"])
+    frontier = diffs.groupby("setting")["frontier"].mean()
     rows = []
     for row in study.settings.to_dict("records"):
         if row["objective"] in (study_lib.BASELINE, study_lib.REFERENCE):

@@ -290,8 +290,9 @@ class Study:
         rule: "validation" (selected on validation prompts) or "oracle" (on the reported numbers).
         selected: per objective, the chosen setting's row of `settings`.
         oracle: per objective, the setting with the highest mean *test* worst-case reward.
-        matched: metric (every one but kl) -> setting -> difference summary against DPO's frontier
-            at matched KL.
+        matched_diffs: metric (every one but kl) -> per-trial differences against DPO's frontier at
+            matched KL (`matched_kl_differences`).
+        matched: metric -> setting -> the summary of those differences.
         vs_dpo: setting -> difference summary of worst-case reward against the selected DPO setting.
     """
 
@@ -319,8 +320,8 @@ class Study:
             self.selected = select_settings(self.settings)
         self.selected = self.selected.sort_values("objective").reset_index(drop=True)
         self.oracle = select_settings(self.settings)
-        self.matched = {m: difference_summary(matched_kl_differences(self.per_trial, m))
-                        for m in self.metrics if m != "kl"}
+        self.matched_diffs = {m: matched_kl_differences(self.per_trial, m) for m in self.metrics if m != "kl"}
+        self.matched = {m: difference_summary(diffs) for m, diffs in self.matched_diffs.items()}
         dpo = self.selected[self.selected["objective"] == BASELINE]["setting"]
         self.vs_dpo = (difference_summary(paired_differences(self.per_trial, "worst_reward", dpo.iloc[0]))
                        if len(dpo) else {})
