@@ -98,10 +98,7 @@ def main(argv: list[str] | None = None, own_terminal: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = next((a for a in argv if not a.startswith("-")), None)
     if stage is not None and stage not in STAGES:
-        print(
-            f"robust-dpo: error: unknown stage '{stage}'; valid stages: {', '.join(STAGES)}",
-            file=console.err(),
-        )
+        print(f"robust-dpo: error: unknown stage '{stage}'; valid stages: {', '.join(STAGES)}", file=console.err())
         return 2
     try:
         parser = build_parser(stage)
@@ -189,9 +186,9 @@ def entry() -> int:
 
 
 def print_config(cfg) -> int:
-    import yaml
+    from pipelines import config as config_lib
 
-    print(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False), end="")
+    print(config_lib.to_yaml(cfg), end="")
     return 0
 
 

@@ -30,6 +30,7 @@ and it would make a transitive dependency a direct one; the dataclasses stay (ST
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import inspect
 import io
@@ -85,16 +86,9 @@ def _satisfies(value: Any, rule: str) -> bool:
 
 
 def check(cfg: Any, rule: str, *names: str) -> None:
-    """Range check for `__post_init__`: every field in `names` must satisfy `rule`.
-
-    Args:
-        cfg: the dataclass instance.
-        rule: ">= 1", "> 0", "<= 1", "< 1", or an interval "[0, 1)" / "(0, 1]" / "[0, 1]".
-        names: field names; a None value (an unset Optional) passes.
-
-    Raises:
-        FieldError: "must be >= 1, got 0" / "must be in [0, 1), got 1.5" for the first failing field.
-    """
+    """Range check for `__post_init__`: FieldError ("must be >= 1, got 0", "must be in [0, 1), got 1.5")
+    for the first field of `names` whose value breaks `rule` (">= 1", "> 0", "<= 1", "< 1", or an interval
+    "[0, 1)" / "(0, 1]" / "[0, 1]"); a None value (an unset Optional) passes."""
     for name in names:
         value = getattr(cfg, name)
         if value is not None and not _satisfies(value, rule):
@@ -117,9 +111,8 @@ def _type_name(tp: Any) -> str:
         return "|".join(str(a) for a in args)
     if origin in (typing.Union, types.UnionType):
         return "|".join("None" if a is type(None) else _type_name(a) for a in args)
-    if origin is not None:
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    name = getattr(tp, "__name__", None) if origin is None else None  # list[str].__name__ is "list"
+    return name or str(tp).replace("typing.", "")
 
 
 class _Typed:
@@ -156,16 +149,13 @@ def _from_text(value: _Typed, tp: Any) -> Any:
         return value.text
     if (origin in (list, tuple, Sequence) or tp in (list, tuple)) and not isinstance(value.value, list):
         return value.text
-    for number in (int, float):
-        if tp is number:
-            try:
-                return number(value.text)
-            except ValueError:
-                pass
+    if tp is int or tp is float:
+        with contextlib.suppress(ValueError):
+            return tp(value.text)
     return value.value
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and gently coerce) `value` against the annotation `tp`; raise UserError naming `key`."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -178,13 +168,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except UserError:
-                pass
+        for arg in (a for a in args if a is not type(None)):
+            with contextlib.suppress(UserError):
+                return coerce(value, arg, key)
         raise UserError(f"config key '{key}': {value!r} is not a valid {_type_name(tp)}")
     if origin is typing.Literal:
         if value not in args:
@@ -193,8 +179,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        if not isinstance(value, Mapping):
-            raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
+        _check_mapping(value, key)
         from_mapping = getattr(tp, "from_mapping", None)
         return from_mapping(_untyped(value)) if from_mapping else build(tp, value, prefix=key)
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
@@ -203,11 +188,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key '{key}': expected a list, got {value!r}")
         item_tp = args[0] if args else Any
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if (origin is tuple or tp is tuple) else items
     if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
+        _check_mapping(value, key)
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -216,25 +200,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise UserError(f"config key '{key}': expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool):
-            raise UserError(f"config key '{key}': expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
+            value = int(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
         raise UserError(f"config key '{key}': expected an integer, got {value!r}")
     if tp is float:
         number = None
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            try:
+            with contextlib.suppress(ValueError, OverflowError):  # OverflowError: an int too large for a float
                 number = float(value)
-            except (ValueError, OverflowError):  # OverflowError: an int too large for a float
-                pass
         if number is None or not math.isfinite(number):  # nan and inf are never a setting
             raise UserError(f"config key '{key}': expected a finite number, got {value!r}")
         return number
@@ -249,6 +227,16 @@ def _key(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _check_mapping(value: Any, key: str) -> None:
+    if not isinstance(value, Mapping):
+        raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
+
+
+def _unknown_key(prefix: str, name: str, valid: Sequence[str]) -> UserError:
+    under = f" under {prefix!r}" if prefix else ""
+    return UserError(f"unknown config key {_key(prefix, name)!r}; valid keys{under}: {', '.join(valid)}")
+
+
 def _required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
@@ -256,8 +244,8 @@ def _required(f: dataclasses.Field) -> bool:
 def build(cls: type[T], values: Mapping[str, Any] | None = None, prefix: str = "") -> T:
     """Build dataclass `cls` from a nested mapping; unknown keys, bad types and values rejected by
     `__post_init__` raise a one-line UserError naming the key (under `prefix`)."""
-    if values is not None and not isinstance(values, Mapping):
-        raise UserError(f"config key '{prefix or cls.__name__}': expected a mapping, got {values!r}")
+    if values is not None:
+        _check_mapping(values, prefix or cls.__name__)
     values = dict(values or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -265,14 +253,10 @@ def build(cls: type[T], values: Mapping[str, Any] | None = None, prefix: str = "
     unknown = sorted(set(values) - set(fields), key=str)  # str: YAML mapping keys need not be strings
     if unknown and rest is not None:
         extra = {name: values.pop(name) for name in unknown}
-        if not isinstance(values.get(rest) or {}, Mapping):
-            raise UserError(f"config key '{_key(prefix, rest)}': expected a mapping, got {values[rest]!r}")
+        _check_mapping(values.get(rest) or {}, _key(prefix, rest))
         values[rest] = deep_merge(values.get(rest) or {}, extra)
     elif unknown:
-        raise UserError(
-            f"unknown config key {_key(prefix, unknown[0])!r}; valid keys{' under ' + repr(prefix) if prefix else ''}: "
-            f"{', '.join(sorted(fields))}"
-        )
+        raise _unknown_key(prefix, unknown[0], sorted(fields))
     schema = fields[rest].metadata.get("schema") if rest is not None else None
     if schema is not None and isinstance(values.get(rest), Mapping):
         valid = sorted(set(fields) - {rest} | {f.name for f in dataclasses.fields(schema)})
@@ -281,9 +265,9 @@ def build(cls: type[T], values: Mapping[str, Any] | None = None, prefix: str = "
     for name, f in fields.items():
         key = _key(prefix, name)
         if name in values:
-            kwargs[name] = _coerce(values[name], hints[name], key)
+            kwargs[name] = coerce(values[name], hints[name], key)
         elif dataclasses.is_dataclass(hints.get(name)) and _required(f):
-            kwargs[name] = _coerce({}, hints[name], key)
+            kwargs[name] = coerce({}, hints[name], key)
         elif _required(f):
             raise UserError(f"config key '{key}' is required")
     try:
@@ -305,15 +289,13 @@ def _check_keys(cls: type, values: Mapping[str, Any], prefix: str, valid: Sequen
     for name, value in values.items():
         key = _key(prefix, name)
         if name not in names:
-            raise UserError(f"unknown config key {key!r}; valid keys{' under ' + repr(prefix) if prefix else ''}: "
-                            f"{', '.join(valid or sorted(names))}")
+            raise _unknown_key(prefix, name, valid or sorted(names))
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            if not isinstance(value, Mapping):
-                raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
+            _check_mapping(value, key)
             out[name] = _untyped(value) if hasattr(tp, "from_mapping") else _check_keys(tp, value, key)
         else:
-            out[name] = _coerce(value, tp, key)
+            out[name] = coerce(value, tp, key)
     return out
 
 
@@ -430,17 +412,8 @@ def collect(
     flags: Mapping[str, Any] | None = None,
     section: str | None = None,
 ) -> dict[str, Any]:
-    """The merged mapping `load` builds: YAML <- overrides and flags (see the module docstring).
-
-    Args:
-        path: YAML file (`--config`), or None.
-        overrides: `key.sub=value` strings.
-        flags: {dotted key: value} from the command line; None values are flags not given.
-        section: the stage's name, accepted as a prefix of its keys.
-
-    Raises:
-        UserError: bad YAML or override syntax, or a flag and an override of the same key.
-    """
+    """The merged mapping `load` builds: YAML at `path` <- `overrides` and `flags` ({dotted key: value};
+    None is a flag not given), with `section` accepted as a prefix of the keys (see the module docstring)."""
     values = _lift(load_yaml(path), section) if path is not None else {}
     given = _lift(parse_overrides(overrides), section)
     for key, value in (flags or {}).items():
@@ -475,11 +448,14 @@ def load(
     return resolve_config_paths(cfg, strict=strict_paths)
 
 
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML: what `dump` writes (the run's record of what it did) and `--print-config` prints."""
+    return yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False)
+
+
 def dump(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (the run's record of what it did)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, to_yaml(cfg))
 
 
 # [3] Describing the keys (for --help) ----------------------------------------------------------------

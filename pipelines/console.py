@@ -39,24 +39,21 @@ def err() -> TextIO:
     return _TERMINAL.get("err", sys.stderr)
 
 
-def own_terminal(log_dir: str | Path) -> Path | None:
+def own_terminal(log_dir: str | Path) -> None:
     """Send everything else written to file descriptors 1 and 2 (Ray's C++ core, Tune's tables,
     library warnings, child processes) to `log_dir/console.log`; `say`, `Progress`, `out()` and
     `err()` keep writing to the terminal.  Only the CLI entry point calls it, and not with --verbose."""
     if verbose() or _TERMINAL:
-        return None
-    log_dir = Path(log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / "console.log"
+        return
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     _TERMINAL["out"] = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
     _TERMINAL["err"] = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(Path(log_dir) / "console.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    return path
 
 
 def verbose() -> bool:
@@ -81,13 +78,8 @@ def say(stage: str, message: str, *, stream: TextIO | None = None) -> None:
 class Progress:
     """Progress of one phase: a tqdm bar on a terminal, rate-limited plain lines elsewhere.
 
-    Args:
-        stage: the stage name shown in front of each line.
-        label: what is counted (`trials`, `steps`, `levels`).
-        total: how many there will be (None = unknown).
-        min_interval: seconds between two plain lines (the final line is always printed).
-        stream: where to write (default stdout).
-    """
+    `label` is what is counted (`trials`, `steps`), `total` how many (None: unknown); plain lines come
+    at most every `min_interval` seconds, and the final one always."""
 
     def __init__(self, stage: str, label: str, total: int | None, *, min_interval: float = 15.0,
                  stream: TextIO | None = None) -> None:
@@ -99,10 +91,8 @@ class Progress:
         self.min_interval = min_interval
         self.postfix = ""
         self._format = tqdm.format_meter
-        self.bar = None
-        if _isatty(self.stream):
-            self.bar = tqdm(total=total, desc=f"[{stage}] {label}", file=self.stream, leave=True,
-                            dynamic_ncols=True)
+        self.bar = (tqdm(total=total, desc=f"[{stage}] {label}", file=self.stream, leave=True, dynamic_ncols=True)
+                    if _isatty(self.stream) else None)
 
     def update(self, n: int = 1, *, postfix: str = "") -> None:
         """Count `n` more done; `postfix` is a short note (e.g. the running trials' steps)."""
@@ -167,12 +157,10 @@ def quiet_libraries() -> None:
 RAY_LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train", "ray.air", "ray.util")
 
 
-def quiet_ray(log_dir: str | Path | None) -> Path | None:
-    """Send Ray's driver-side log output to `log_dir/ray.log` (nothing is changed when verbose).
-
-    Returns the log file, or None when nothing was redirected."""
+def quiet_ray(log_dir: str | Path | None) -> None:
+    """Send Ray's driver-side log output to `log_dir/ray.log` (nothing is changed when verbose)."""
     if verbose() or log_dir is None:
-        return None
+        return
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / "ray.log"
@@ -187,7 +175,6 @@ def quiet_ray(log_dir: str | Path | None) -> Path | None:
             logger.addHandler(handler)
         logger.propagate = False
     _link_ray_session(log_dir)
-    return path
 
 
 def _link_ray_session(log_dir: Path) -> None:

@@ -1,20 +1,20 @@
 """Policy and reference models and the one forward per micro-batch: rows -> summed log-probs.
 
-A collated micro-batch (pipelines/collate.py: 2B rows of pairs, chosen rows then rejected rows, or
-B*K rows of lists, padded or packed with each prompt once) takes one forward per model.  With the
-response-only head's addresses in the batch, only the hidden states that predict a response token
-are projected to the vocabulary (chunked; `head_is_plain` checks that the head is a plain
-projection, else the model's own `logits_to_keep` path is used); without them the full (N, L, V)
-logits go through `robust_objectives.logps` (the plain path).  Log-probs are fp32 either way, plus,
-only when the objective needs them, per-position vocabulary log-probs (TDPO, Ra-DPO) or the
-input-embedding rows kept in the graph (WDPO's double backward).
+A collated micro-batch (pipelines/collate.py: 2B rows of pairs or B*K rows of lists, padded or
+packed with each prompt once) takes one forward per model.  With the response-only head's addresses
+in the batch, only the hidden states that predict a response token are projected to the vocabulary
+(chunked; `head_is_plain` checks the head is a plain projection, else the model's own
+`logits_to_keep` path is used); without them the full (N, L, V) logits go through
+`robust_objectives.logps` (the plain path).  Log-probs are fp32 either way, plus, only when the
+objective needs them, per-position vocabulary log-probs (TDPO, Ra-DPO) or the input-embedding rows
+kept in the graph (WDPO's double backward).
 
 With LoRA (peft) the reference is the same module with its adapters disabled
 (`with model.disable_adapter()` under no_grad): no second copy of the weights.
 
-Every stage loads models here (`load_causal_lm`, which also merges a PEFT adapter dir; the config
-probe `load_model_config`; the device `pick_device`), and the reference and evaluate stages compute
-pair and list log-probs with one actor, `PairLogps`, over the same collation and forward as training.
+Every stage loads models here (`load_causal_lm` also merges a PEFT adapter dir), and the reference
+and evaluate stages compute log-probs with one actor, `PairLogps`, over the same collation and
+forward as training.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from robust_objectives import logps as logps_lib
 from pipelines.collate import collate_lists, collate_pairs
 
 IGNORE_INDEX = logps_lib.IGNORE_INDEX
-ADAPTER_CONFIG = "adapter_config.json"  # marks a PEFT adapter dir
 
 
 # [2] Models ------------------------------------------------------------------------------------
@@ -48,23 +47,16 @@ def pick_device(use_gpu: bool) -> torch.device:
 
 def _adapter_base(path: str) -> str | None:
     """The base model a PEFT adapter dir was trained from, or None when `path` is not one."""
-    adapter = Path(path) / ADAPTER_CONFIG
+    adapter = Path(path) / "adapter_config.json"
     if not adapter.is_file():
         return None
     return json.loads(adapter.read_text()).get("base_model_name_or_path") or None
 
 
 def load_model_config(path: str, what: str):
-    """The `AutoConfig` of a model dir, hub name or PEFT adapter dir (its base model's config), without
-    loading weights: the cheap check every stage runs before Ray starts.
-
-    Args:
-        path: what `load_causal_lm` (or from_pretrained) would load.
-        what: how the user named it, leading the error message (a flag or a config key).
-
-    Raises:
-        UserError: `<what>: cannot load a model config from '<path>' (<first line of the cause>)`.
-    """
+    """The `AutoConfig` of what `load_causal_lm` would load (an adapter dir: its base's), without the
+    weights: the cheap check every stage runs before Ray starts.  `what` (how the user named it: a
+    flag or a config key) leads the UserError."""
     from transformers import AutoConfig
 
     try:
@@ -100,13 +92,8 @@ def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules: Seq
     """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=list(target_modules) or None,
-        task_type="CAUSAL_LM",
-    )
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules) or None,
+                        task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, config)
@@ -141,28 +128,13 @@ def pad_token_id_of(model) -> int:
 
 @dataclass(frozen=True)
 class RowLogps:
-    """Log-probs of the N rows of one collated batch under one model.
+    """Log-probs of the N rows of one collated batch under one model."""
 
-    Attributes:
-        logps: (N,) summed response log-probs, fp32.
-        lengths: (N,) response token counts.
-        vocab_logps: (N, T, V) per-position log-softmax over the response span, or None.
-        mask: (N, T) True at response positions (aligned with vocab_logps), or None.
-        embeddings: (N, L, d) input embeddings the logits were computed from (graph kept), or None.
-    """
-
-    logps: torch.Tensor
-    lengths: torch.Tensor
-    vocab_logps: Optional[torch.Tensor] = None
-    mask: Optional[torch.Tensor] = None
-    embeddings: Optional[torch.Tensor] = None
-
-
-def autocast_context(device_type: str, precision: str):
-    """bf16 autocast (fp32 master weights) or nothing."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    logps: torch.Tensor  # (N,) summed response log-probs, fp32
+    lengths: torch.Tensor  # (N,) response token counts
+    vocab_logps: Optional[torch.Tensor] = None  # (N, T, V) per-position log-softmax over the response span
+    mask: Optional[torch.Tensor] = None  # (N, T) True at response positions (aligned with vocab_logps)
+    embeddings: Optional[torch.Tensor] = None  # (N, L, d) input embeddings of the logits (graph kept)
 
 
 HEAD_CHUNK_ELEMENTS = 2**26  # logits per response-head chunk (256 MiB fp32); more positions are checkpointed chunk by chunk
@@ -188,12 +160,6 @@ def packed_attention_mask(batch: Mapping[str, Any], attn_implementation: str, dt
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _is_fsdp(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def head_is_plain(model) -> bool:
     """Whether logits are exactly `get_output_embeddings()(get_decoder()(...).last_hidden_state)`.
 
@@ -202,52 +168,42 @@ def head_is_plain(model) -> bool:
     parameters are gathered only by the root module's forward.  When False the response-only head
     goes through the model's own forward with `logits_to_keep` (exact for every model, unchunked).
     """
-    cached = model.__dict__.get("_plain_head")
-    if cached is None:
-        cached = False
-        if not _is_fsdp(model):
-            was_training = model.training
-            model.eval()
-            try:
-                with torch.no_grad():
-                    ids = torch.arange(1, 5, device=model.device)[None] % model.get_input_embeddings().num_embeddings
-                    full = model(input_ids=ids, use_cache=False).logits
-                    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-                    mine = model.get_output_embeddings()(hidden)
-                cached = mine.shape == full.shape and bool(torch.allclose(mine, full, rtol=1e-5, atol=1e-6))
-            finally:
-                model.train(was_training)
-        model.__dict__["_plain_head"] = cached
-    return cached
+    if "_plain_head" in model.__dict__:
+        return model.__dict__["_plain_head"]
+    from torch.distributed.fsdp import FSDPModule
+
+    plain = False
+    if not isinstance(model, FSDPModule):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                ids = torch.arange(1, 5, device=model.device)[None] % model.get_input_embeddings().num_embeddings
+                full = model(input_ids=ids, use_cache=False).logits
+                hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+                mine = model.get_output_embeddings()(hidden)
+            plain = mine.shape == full.shape and bool(torch.allclose(mine, full, rtol=1e-5, atol=1e-6))
+        finally:
+            model.train(was_training)
+    model.__dict__["_plain_head"] = plain
+    return plain
 
 
-def compute_row_logps(
-    model,
-    batch: Mapping[str, Any],
-    *,
-    vocab: bool = False,
-    embeddings: bool = False,
-    precision: str = "fp32",
-) -> RowLogps:
-    """One forward of all rows of `batch`; log-probs via robust_objectives.logps in fp32.
+def compute_row_logps(model, batch: Mapping[str, Any], *, vocab: bool = False, embeddings: bool = False,
+                      precision: str = "fp32") -> RowLogps:
+    """One forward of the N = 2B (or B*K) rows of `batch` (collated, on the model's device).
 
-    Batches with the response-only head's addresses (pipelines/collate.py: every packed batch, and
-    padded ones collated with response_head=True) project only the hidden states that predict a
-    response token, never the prompt's or the padding's; the others compute the full (N, L, V)
-    logits (the plain path).  Both give the same log-probs.
+    Batches with the response-only head's addresses (every packed batch, and padded ones collated
+    with response_head=True) project only the hidden states that predict a response token; the
+    others compute the full (N, L, V) logits (the plain path).  Both give the same fp32 log-probs.
 
     Args:
-        model: a causal LM (possibly peft-wrapped), already on the batch's device.
-        batch: collate_pairs / collate_lists output moved to the model's device.
         vocab: also return per-position vocabulary log-probs over the response span.
         embeddings: feed `inputs_embeds = model.get_input_embeddings()(input_ids)` and return it
             as (N, L, d) rows (a packed batch's rows are gathered into its packed rows, so d loss /
             d rows is per row); if the embedding layer is frozen (LoRA) the tensor is made a leaf
             requiring grad, so d loss / d embeddings still exists (WDPO).
         precision: "fp32" or "bf16" (autocast).
-
-    Returns:
-        RowLogps of the N = 2B (or B*K) rows.
     """
     input_ids = batch["input_ids"]
     kwargs: dict[str, Any] = {"use_cache": False}
@@ -259,7 +215,8 @@ def compute_row_logps(
     embeds = None
     index, targets = batch.get("score_index"), batch.get("score_targets")
     plain_head = index is not None and head_is_plain(model)
-    with autocast_context(input_ids.device.type, precision):
+    bf16 = precision == "bf16"  # autocast over fp32 master weights
+    with torch.autocast(input_ids.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
         if embeddings:
             embeds = model.get_input_embeddings()(input_ids)
             packed_rows = "token_rows" in batch  # the objective gets (N, L, d) rows, the model their packing
@@ -270,11 +227,10 @@ def compute_row_logps(
                 embeds = embeds.new_zeros(shape).index_put((rows_at, cols_at), embeds.reshape(-1, width)[flat])
             if not embeds.requires_grad:
                 embeds = embeds.detach().requires_grad_(True)
+            kwargs["inputs_embeds"] = embeds
             if packed_rows:
                 packed = embeds.new_zeros(input_ids.numel(), width).index_put((flat,), embeds[rows_at, cols_at])
                 kwargs["inputs_embeds"] = packed.view(*input_ids.shape, width)
-            else:
-                kwargs["inputs_embeds"] = embeds
         else:
             kwargs["input_ids"] = input_ids
         if index is None:
@@ -305,7 +261,8 @@ def compute_row_logps(
         cols = batch["score_cols"]
         span = int(cols.max()) + 1 if cols.numel() else 1
         vocab_logps = scored_vocab.new_zeros(n, span, scored_vocab.shape[-1]).index_put((rows, cols), scored_vocab)
-        mask = torch.zeros(n, span, dtype=torch.bool, device=rows.device).index_put((rows, cols), torch.tensor(True, device=rows.device))
+        mask = torch.zeros(n, span, dtype=torch.bool, device=rows.device)
+        mask[rows, cols] = True
     logps = token_logps.new_zeros(n).index_add(0, rows, token_logps)
     return RowLogps(logps=logps, lengths=batch["lengths"], vocab_logps=vocab_logps, mask=mask, embeddings=embeds)
 
@@ -318,13 +275,8 @@ def _full_logits_row_logps(logits: torch.Tensor, labels: torch.Tensor, vocab: bo
     vocab_logps, token_logps, mask = logps_lib.compute_vocab_logps(logits, labels)
     # Keep only the response span: columns before the earliest response position are all masked.
     first = int(mask.any(dim=0).nonzero()[0]) if bool(mask.any()) else 0
-    return RowLogps(
-        logps=token_logps.sum(dim=-1),
-        lengths=mask.sum(dim=-1),
-        vocab_logps=vocab_logps[:, first:],
-        mask=mask[:, first:],
-        embeddings=embeds,
-    )
+    return RowLogps(logps=token_logps.sum(dim=-1), lengths=mask.sum(dim=-1), vocab_logps=vocab_logps[:, first:],
+                    mask=mask[:, first:], embeddings=embeds)
 
 
 def compute_reference_row_logps(
@@ -355,25 +307,17 @@ def build_preference_logps(batch: Mapping[str, Any], policy: RowLogps, reference
         reference_chosen = batch["reference_chosen_logps"].to(policy.logps)
         reference_rejected = batch["reference_rejected_logps"].to(policy.logps)
     fields: dict[str, Any] = dict(
-        policy_chosen_logps=policy.logps[:b],
-        policy_rejected_logps=policy.logps[b:],
-        reference_chosen_logps=reference_chosen.detach(),
-        reference_rejected_logps=reference_rejected.detach(),
-        chosen_lengths=batch["chosen_lengths"],
-        rejected_lengths=batch["rejected_lengths"],
-        calibration=batch.get("calibration"),
-        policy_input_embeddings=policy.embeddings,
-    )
+        policy_chosen_logps=policy.logps[:b], policy_rejected_logps=policy.logps[b:],
+        reference_chosen_logps=reference_chosen.detach(), reference_rejected_logps=reference_rejected.detach(),
+        chosen_lengths=batch["chosen_lengths"], rejected_lengths=batch["rejected_lengths"],
+        calibration=batch.get("calibration"), policy_input_embeddings=policy.embeddings)
     if policy.vocab_logps is not None:
         assert reference is not None and reference.vocab_logps is not None
         fields.update(
-            policy_chosen_vocab_logps=policy.vocab_logps[:b],
-            policy_rejected_vocab_logps=policy.vocab_logps[b:],
+            policy_chosen_vocab_logps=policy.vocab_logps[:b], policy_rejected_vocab_logps=policy.vocab_logps[b:],
             reference_chosen_vocab_logps=reference.vocab_logps[:b].detach(),
             reference_rejected_vocab_logps=reference.vocab_logps[b:].detach(),
-            chosen_mask=policy.mask[:b],
-            rejected_mask=policy.mask[b:],
-        )
+            chosen_mask=policy.mask[:b], rejected_mask=policy.mask[b:])
     return PreferenceLogps(**fields)
 
 
@@ -384,12 +328,8 @@ def build_listwise_logps(batch: Mapping[str, Any], policy: RowLogps, reference: 
         reference_logps = reference.logps.reshape(b, k)
     else:
         reference_logps = batch["reference_logps"].to(policy.logps)
-    return ListwiseLogps(
-        policy_logps=policy.logps.reshape(b, k),
-        reference_logps=reference_logps.detach(),
-        scores=batch["scores"],
-        calibration=batch.get("calibration"),
-    )
+    return ListwiseLogps(policy_logps=policy.logps.reshape(b, k), reference_logps=reference_logps.detach(),
+                         scores=batch["scores"], calibration=batch.get("calibration"))
 
 
 def move_batch(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
@@ -403,32 +343,22 @@ def move_batch(batch: Mapping[str, Any], device: torch.device | str) -> dict[str
 class PairLogps:
     """`map_batches` callable class: summed response log-probs of every row under one or more models.
 
-    Pairs get `<prefix>_chosen_logps` / `<prefix>_rejected_logps` (float64), lists `<prefix>_logps`
-    (one float64 per response), per (prefix, model path): the reference stage's prefix "reference"
-    gives the schema's reference columns; evaluate holds the reference and several checkpoints in one
-    actor, so its pairs stream through one pool instead of one per model (an actor start costs
-    seconds).  Each `batch_size` pairs (or lists) are collated once (collate_pairs / collate_lists)
-    and take one packed forward per model, the prompt once (compute_row_logps, fp32 log-probs under
-    `precision`).
+    `models` are (column prefix, model path) pairs: pairs get `<prefix>_chosen_logps` /
+    `<prefix>_rejected_logps` (float64), lists `<prefix>_logps` (one float64 per response); the
+    first model's pad id pads every batch.  The reference stage's prefix "reference" gives the
+    schema's reference columns; evaluate holds the reference and several checkpoints in one actor, so
+    its pairs stream through one pool instead of one per model (an actor start costs seconds).  Each
+    `batch_size` pairs (or lists) are collated once and take one packed forward per model, the prompt
+    once (compute_row_logps, fp32 log-probs under `precision`).  The output keeps the input columns
+    named by `keep` (None = all), row for row.
     """
 
     def __init__(self, *, models: Sequence[tuple[str, str]], listwise: bool = False, batch_size: int = 16,
                  precision: str = "fp32", attn_implementation: str = "sdpa", use_gpu: bool = False,
                  keep: Optional[Sequence[str]] = None) -> None:
-        """Args:
-            models: (column prefix, model path) pairs; the first model's pad id pads every batch.
-            listwise: rows are lists (prompt_input_ids, responses_input_ids) instead of pairs.
-            batch_size: pairs (or lists) per forward.
-            precision: "fp32" or "bf16" (autocast).
-            attn_implementation: attention kernel the models are loaded with.
-            use_gpu: compute on CUDA when the actor has a GPU.
-            keep: input columns returned with the log-prob columns; None = every input column.
-        """
         self.device = pick_device(use_gpu)
-        self.models = []
-        for prefix, path in models:
-            model = load_causal_lm(path, attn_implementation=attn_implementation, device=self.device).eval()
-            self.models.append((prefix, model.requires_grad_(False)))
+        self.models = [(prefix, load_causal_lm(path, attn_implementation=attn_implementation, device=self.device)
+                        .eval().requires_grad_(False)) for prefix, path in models]
         self.pad = pad_token_id_of(self.models[0][1])
         # Each prompt once, response positions only (pipelines/collate.py); the kernels that take no
         # 4D mask get padded rows, still with the response-only head.
@@ -437,31 +367,25 @@ class PairLogps:
         self.keep = None if keep is None else list(keep)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        """Args: table: pyarrow batch with the token columns (schema.PAIR_TOKEN_COLUMNS or
-        LIST_TOKEN_COLUMNS).  Returns: the `keep` columns plus the log-prob columns, row for row."""
         token_columns = schema.LIST_TOKEN_COLUMNS if self.listwise else schema.PAIR_TOKEN_COLUMNS
+        collate = collate_lists if self.listwise else collate_pairs
+        sides = ("",) if self.listwise else ("_chosen", "_rejected")
+        values: dict[str, list] = {f"{prefix}{side}_logps": [] for prefix, _ in self.models for side in sides}
         rows = {c: table.column(c).to_pylist() for c in token_columns}
-        values: dict[str, list] = {}
         for start in range(0, table.num_rows, self.batch_size):
             chunk = {c: v[start: start + self.batch_size] for c, v in rows.items()}
-            collate = collate_lists if self.listwise else collate_pairs
             batch = move_batch(collate(chunk, self.pad, layout=self.layout, response_head=True), self.device)
             for prefix, model in self.models:
                 with torch.no_grad():
                     logps = compute_row_logps(model, batch, precision=self.precision).logps.double().cpu()
-                b = batch["num_pairs"]
                 if self.listwise:
-                    values.setdefault(f"{prefix}_logps", []).extend(logps.reshape(b, batch["list_size"]).tolist())
-                else:
-                    values.setdefault(f"{prefix}_chosen_logps", []).extend(logps[:b].tolist())
-                    values.setdefault(f"{prefix}_rejected_logps", []).extend(logps[b:].tolist())
+                    parts = [logps.reshape(batch["num_pairs"], batch["list_size"]).tolist()]
+                else:  # the chosen rows, then the rejected rows
+                    parts = logps.reshape(2, -1).tolist()
+                for side, part in zip(sides, parts):
+                    values[f"{prefix}{side}_logps"].extend(part)
         out = table if self.keep is None else table.select(self.keep)
         kind = pa.list_(pa.float64()) if self.listwise else pa.float64()
-        for name in self.columns():
-            out = out.append_column(name, pa.array(values.get(name, []), type=kind))
+        for name, column in values.items():
+            out = out.append_column(name, pa.array(column, type=kind))
         return out
-
-    def columns(self) -> list[str]:
-        """The log-prob columns this actor adds, in order."""
-        sides = ("",) if self.listwise else ("_chosen", "_rejected")
-        return [f"{prefix}{side}_logps" for prefix, _ in self.models for side in sides]

@@ -20,30 +20,20 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-# Default margin of the reference point, as a fraction of each metric's range over the trials:
-# without a margin the worst trial in either metric would add zero area.
-REFERENCE_MARGIN = 0.1
 
-
-def _as_points(points: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+def _as_points(points: np.ndarray | Sequence[Sequence[float]], finite: bool = False) -> np.ndarray:
+    """(N, 2) float64 (reward, kl) rows; only the rows without a NaN or inf when `finite`."""
     arr = np.asarray(points, dtype=np.float64)
     if arr.size == 0:
         return arr.reshape(0, 2)
     if arr.ndim != 2 or arr.shape[1] != 2:
         raise ValueError(f"points must have shape (N, 2) as (reward, kl), got {arr.shape}")
-    return arr
+    return arr[np.isfinite(arr).all(axis=1)] if finite else arr
 
 
 def pareto_mask(points: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
-    """Which points are not dominated (reward up, KL down).
-
-    Args:
-        points: (N, 2) array of (reward, kl).  Rows with a NaN are never on the front and never
-            dominate (a failed trial has no metrics).
-
-    Returns:
-        (N,) bool mask, True on the front.
-    """
+    """(N,) bool mask of the (reward, kl) points not dominated (reward up, KL down).  Rows with a NaN are
+    never on the front and never dominate (a failed trial has no metrics)."""
     arr = _as_points(points)
     finite = np.isfinite(arr).all(axis=1)
     reward, kl = arr[:, 0], arr[:, 1]
@@ -57,47 +47,26 @@ def pareto_mask(points: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
 
 
 def pareto_front(df: pd.DataFrame, reward_col: str = "reward", kl_col: str = "kl") -> np.ndarray:
-    """The Pareto mask of a trials dataframe (reward maximised, KL minimised).
-
-    Args:
-        df: one row per trial.
-        reward_col: column to maximise.
-        kl_col: column to minimise.
-
-    Returns:
-        (len(df),) bool numpy mask aligned with df's rows.
-    """
+    """The Pareto mask of a trials dataframe (one row per trial), aligned with its rows."""
     for col in (reward_col, kl_col):
         if col not in df.columns:
             raise KeyError(f"column '{col}' not in the trials dataframe (columns: {', '.join(map(str, df.columns))})")
     return pareto_mask(df[[reward_col, kl_col]].to_numpy(dtype=np.float64))
 
 
-def default_reference_point(
-    points: np.ndarray | Sequence[Sequence[float]], margin: float = REFERENCE_MARGIN
-) -> tuple[float, float]:
-    """The reference point used when none is given: (min reward - m_r, max KL + m_k).
+def default_reference_point(points: np.ndarray | Sequence[Sequence[float]]) -> tuple[float, float]:
+    """The reference point used when none is given: (min reward - m_r, max KL + m_k) over the finite points.
 
-    m = margin x the metric's range over the finite points, or margin x max(|value|, 1) when every
-    point has the same value (so the area is never zero by construction).
-
-    Args:
-        points: (N, 2) array of (reward, kl), N >= 1 finite rows.
-        margin: fraction of the range added beyond the worst point, >= 0.
-
-    Returns:
-        (reward_ref, kl_ref).
+    m = 0.1 x the metric's range, or 0.1 x max(|value|, 1) when every point has the same value: without
+    a margin the worst trial in either metric would add zero area.
     """
-    arr = _as_points(points)
-    arr = arr[np.isfinite(arr).all(axis=1)]
+    arr = _as_points(points, finite=True)
     if len(arr) == 0:
         raise ValueError("no finite (reward, kl) point to place a reference point")
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
 
     def pad(values: np.ndarray) -> float:
         span = float(values.max() - values.min())
-        return margin * (span if span > 0 else max(abs(float(values.max())), 1.0))
+        return 0.1 * (span if span > 0 else max(abs(float(values.max())), 1.0))
 
     return float(arr[:, 0].min() - pad(arr[:, 0])), float(arr[:, 1].max() + pad(arr[:, 1]))
 
@@ -110,17 +79,10 @@ def hypervolume(
     Sweep in increasing KL: between consecutive distinct KL values k_j < k_{j+1} (the last one
     followed by k_ref), the dominated region spans rewards from r_ref to the best reward among
     points with kl <= k_j.  Points not strictly better than the reference in both metrics add
-    nothing; dominated points add nothing either (they lie inside the front's region).
-
-    Args:
-        points: (N, 2) array of (reward, kl); NaN rows are ignored.
-        ref_point: (reward_ref, kl_ref); default `default_reference_point(points)`.
-
-    Returns:
-        The area, >= 0 (reward units x KL units).
+    nothing; dominated points add nothing either (they lie inside the front's region).  NaN rows are
+    ignored; `ref_point` defaults to `default_reference_point(points)`.
     """
-    arr = _as_points(points)
-    arr = arr[np.isfinite(arr).all(axis=1)]
+    arr = _as_points(points, finite=True)
     if len(arr) == 0:
         return 0.0
     r_ref, k_ref = default_reference_point(arr) if ref_point is None else map(float, ref_point)
@@ -142,10 +104,8 @@ def front_steps(
 
     With front points sorted by KL (k_1 <= ... <= k_n, rewards then increasing), the path is
     (k_1, r_ref) -> (k_1, r_1) -> (k_2, r_1) -> (k_2, r_2) -> ... -> (k_n, r_n) -> (k_ref, r_n);
-    the area under it and above r_ref, left of k_ref, is the hypervolume.
-
-    Returns:
-        (kl, reward) arrays of the path's vertices; empty when no point is finite.
+    the area under it and above r_ref, left of k_ref, is the hypervolume.  Returns the vertices' (kl, reward)
+    arrays, empty when no point is finite.
     """
     arr = _as_points(points)
     arr = arr[pareto_mask(arr)]

@@ -45,10 +45,6 @@ _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 
-def is_uri(value: str) -> bool:
-    return bool(_URI.match(value))
-
-
 def looks_local(value: str, cwd: Path) -> bool:
     """Whether a path that does not exist was meant as a local path rather than a Hub id."""
     if value.startswith(("./", "../", "/", "~", ".\\")) or value.endswith(("/", os.sep)) or value in (".", ".."):
@@ -67,7 +63,7 @@ def resolve_path(value: str, kind: str, key: str, cwd: str | Path | None = None,
             local and does not exist (the message names the key).  Without `strict` such a path is
             only made absolute (configs built for a check, with placeholder paths).
     """
-    if not value or is_uri(value):
+    if not value or _URI.match(value):
         return value
     if "\x00" in value:  # no file system takes one (os calls raise ValueError)
         raise UserError(f"config key '{key}': path {value!r} holds a NUL byte")
@@ -163,11 +159,7 @@ def _kind_of(tp: Any) -> PathKind | None:
         return None
     if typing.get_origin(tp) is Annotated:
         return next((m for m in tp.__metadata__ if isinstance(m, PathKind)), None)
-    for arg in typing.get_args(tp):
-        kind = _kind_of(arg)
-        if kind is not None:
-            return kind
-    return None
+    return next(filter(None, map(_kind_of, typing.get_args(tp))), None)
 
 
 # --- Writing: a file is whole or absent -----------------------------------------------------------

@@ -5,14 +5,14 @@
         use_gpu=true concurrency=4 batch_size=32 precision=bf16
     # train uses it with reference.mode=precomputed (and runs this stage itself when needed)
 
-A Ray Data `map_batches` stage with a callable class (`model.PairLogps`, shared with evaluate) and
-an actor pool (`concurrency`, one GPU per actor with use_gpu) loads the reference model once per
-actor and adds `reference_chosen_logps` / `reference_rejected_logps` (pairs) or `reference_logps`
-(listwise: one per response) to every split; rows carry their (file, row) address through the pool
-and their values are put back by it (pipelines/row_order.py).  The result is itself a robust-dpo
-dataset at CACHE/<dataset fp>-<model fp>-<precision>, so a second run with the same data and model
-reuses it.  Token-level objectives (TDPO, Ra-DPO) need the reference's full-vocabulary distribution
-at every position, which is not stored here: they train with reference.mode=live.
+A Ray Data `map_batches` stage whose actor pool (`concurrency`, one GPU per actor with use_gpu)
+loads the reference once per actor (`model.PairLogps`, shared with evaluate) and adds
+`reference_chosen_logps` / `reference_rejected_logps` (pairs) or `reference_logps` (listwise: one
+per response) to every split; rows carry their (file, row) address through the pool and their
+values are put back by it (pipelines/row_order.py).  The result is itself a robust-dpo dataset at
+CACHE/<dataset fp>-<model fp>-<precision>, reused by a second run with the same data and model.
+Token-level objectives (TDPO, Ra-DPO) need the reference's full-vocabulary distribution at every
+position, which is not stored here: they train with reference.mode=live.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -63,10 +62,6 @@ class ReferenceCacheConfig:
 # [1] Fingerprints and cache location -------------------------------------------------------------
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get("ROBUST_DPO_CACHE") or Path.home() / ".cache" / "robust-dpo" / "reference")
-
-
 def dataset_fingerprint(path: str | Path) -> str:
     """The data stage's manifest fingerprint, plus the names and sizes of the split files."""
     manifest = schema.read_manifest(path)
@@ -80,25 +75,21 @@ def dataset_fingerprint(path: str | Path) -> str:
 def model_fingerprint(path: str | Path) -> str:
     """sha256 over config.json and every weight file's bytes (local dirs) or the name (hub ids)."""
     path = Path(path)
-    digest = hashlib.sha256()
     if not path.is_dir():
-        digest.update(str(path).encode())
-        return digest.hexdigest()
-    files = [path / "config.json"] + sorted(
-        f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file()
-    )
-    for f in files:
-        if not f.is_file():
-            continue
-        digest.update(f.name.encode())
-        with open(f, "rb") as handle:
-            for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
-                digest.update(chunk)
+        return hashlib.sha256(str(path).encode()).hexdigest()
+    digest = hashlib.sha256()
+    weights = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file())
+    for f in [path / "config.json", *weights]:
+        if f.is_file():
+            digest.update(f.name.encode())
+            with open(f, "rb") as handle:
+                for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
+                    digest.update(chunk)
     return digest.hexdigest()
 
 
 def cache_path(cfg: ReferenceCacheConfig) -> Path:
-    root = Path(cfg.output) if cfg.output else default_cache_root()
+    root = Path(cfg.output or os.environ.get("ROBUST_DPO_CACHE") or Path.home() / ".cache" / "robust-dpo" / "reference")
     key = f"{dataset_fingerprint(cfg.data)[:16]}-{model_fingerprint(cfg.model)[:16]}-{cfg.precision}"
     if cfg.attn_implementation != "sdpa":
         key += f"-{cfg.attn_implementation}"
@@ -138,26 +129,22 @@ def compute_reference_dataset(cfg: ReferenceCacheConfig) -> Path:
         fn_constructor_kwargs=dict(models=[("reference", cfg.model)], listwise=listwise, batch_size=cfg.batch_size,
                                    precision=cfg.precision, attn_implementation=cfg.attn_implementation,
                                    use_gpu=cfg.use_gpu, keep=row_order.ADDRESS_COLUMNS),
-        batch_size=max(cfg.batch_size, 64),
-        batch_format="pyarrow",
-        **actor_pool(cfg.concurrency, gpu=cfg.use_gpu),
-    )
+        batch_size=max(cfg.batch_size, 64), batch_format="pyarrow", **actor_pool(cfg.concurrency, gpu=cfg.use_gpu))
     # [2] values back on their rows by address, file by file (a few floats per row reach the driver)
     kind = pa.list_(pa.float64()) if listwise else pa.float64()
-    columns = {c: kind for c in _reference_columns(listwise)}
+    columns = {c: kind for c in ([schema.REFERENCE_LIST_COLUMN] if listwise else schema.REFERENCE_PAIR_COLUMNS)}
     roots = {split: schema.split_dir(cfg.data, split).resolve() for split in splits}
-    started = time.perf_counter()
     try:
-        for (split, source), values in zip(files, row_order.rows_by_file(ds, len(files))):
-            table = row_order.put_back(pq.read_table(source), values, columns=columns, source=source,
-                                       what="reference values")
-            relative = Path(source).relative_to(roots[split])
-            (staging / split / relative).parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, staging / split / relative)
+        with timings.phase("log-probs and write (streamed together)"):
+            for (split, source), values in zip(files, row_order.rows_by_file(ds, len(files))):
+                table = row_order.put_back(pq.read_table(source), values, columns=columns, source=source,
+                                           what="reference values")
+                relative = Path(source).relative_to(roots[split])
+                (staging / split / relative).parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(table, staging / split / relative)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    timings.add("log-probs and write (streamed together)", time.perf_counter() - started)
     for split in splits:
         (staging / split).mkdir(parents=True, exist_ok=True)  # an empty split keeps its folder
     fields = {k: v for k, v in manifest.items() if k not in ("kind", "version")}
@@ -176,10 +163,6 @@ def compute_reference_dataset(cfg: ReferenceCacheConfig) -> Path:
         staging.rename(target)
     say("reference", f"wrote reference log-probs to {target}")
     return target
-
-
-def _reference_columns(listwise: bool) -> tuple[str, ...]:
-    return (schema.REFERENCE_LIST_COLUMN,) if listwise else tuple(schema.REFERENCE_PAIR_COLUMNS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

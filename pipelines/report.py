@@ -37,6 +37,10 @@ ROBUSTNESS_COLUMNS = ("trial_id", "objective", "shift", "level", "reward", "kl",
 PANEL_METRICS = (("reward", "reward"), ("pair_accuracy", "pair accuracy"))
 BASELINE_OBJECTIVE = study_lib.REFERENCE  # rows of the untrained reference model, drawn as a grey baseline
 SEED_COLUMNS = ("seed", "world_seed")  # repetitions of a setting, not hyperparameters
+RESERVED_COLUMNS = (*TRIAL_COLUMNS, *METRIC_COLUMNS, "on_front", *SEED_COLUMNS)  # every other column: a hyperparameter
+# Per-trial metrics in the report's tables: column -> name.
+METRIC_NAMES = {"worst_reward": "worst case", "mixture_auc": "mixture AUC", "train_reward": "reward at alpha_train",
+                "kl": "KL", "kl_p95": "KL p95", "kl_cvar95": "KL CVaR95"}
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,8 @@ def build_pareto_table(
     if trials["trial_id"].duplicated().any():
         dup = trials.loc[trials["trial_id"].duplicated(), "trial_id"].iloc[0]
         raise ValueError(f"trial_id '{dup}' appears twice in the trials table")
-    reserved = {*TRIAL_COLUMNS, *METRIC_COLUMNS, "on_front", *SEED_COLUMNS}
     if hyperparameter_cols is None:
-        hyperparameter_cols = [c for c in trials.columns if c not in reserved]
+        hyperparameter_cols = [c for c in trials.columns if c not in RESERVED_COLUMNS]
     seeds = [c for c in SEED_COLUMNS if c in trials.columns and c not in hyperparameter_cols]
     table = trials[[*TRIAL_COLUMNS, *hyperparameter_cols, *seeds, *METRIC_COLUMNS]].reset_index(drop=True).copy()
     table["on_front"] = pareto.pareto_front(table, "reward", "kl")
@@ -124,6 +127,8 @@ def _whiskers(ax, x, x_lo, x_hi, y, y_lo, y_hi, colour, **kwargs) -> None:
     xerr = [[x - x_lo], [x_hi - x]] if np.isfinite([x_lo, x_hi]).all() else None
     yerr = [[y - y_lo], [y_hi - y]] if np.isfinite([y_lo, y_hi]).all() else None
     ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="none", ecolor=colour, elinewidth=1.2, capsize=3, **kwargs)
+
+
 def _annotate_points(ax, table: pd.DataFrame, hyperparameter_cols: Sequence[str], annotate_all: bool) -> None:
     """Label front points (black) and, for small sweeps, the others (grey), nudging labels that would
     overlap an earlier one down by a line (greedy, in display pixels)."""
@@ -195,8 +200,6 @@ def plot_pareto(table: pd.DataFrame, path: Path, ref_point: tuple[float, float],
     plt.close(fig)
 
 
-
-
 def shift_metric(df: pd.DataFrame, shift: str) -> str:
     """The metric a shift moves: "reward" if any trained trial's reward varies over its levels, else
     "pair_accuracy" (label flips and source mixtures change the labels, not the policy's samples)."""
@@ -212,8 +215,6 @@ def robustness_panels(df: pd.DataFrame) -> list[tuple[str, str]]:
     panels = [(s, shift_metric(df, s)) for s in shifts]
     panels += [(s, "pair_accuracy") for s, m in list(panels) if m == "reward" and df.loc[df["shift"] == s, "pair_accuracy"].notna().any()]
     return sorted(panels, key=lambda p: (p[1] != "reward", p[0] != "mixture", p[0]))
-
-
 
 
 def setting_curves(rob: pd.DataFrame, keys: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -350,7 +351,7 @@ def write_pareto(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = build_pareto_table(trials, hyperparameter_cols)
-    hyper = [c for c in table.columns if c not in (*TRIAL_COLUMNS, *METRIC_COLUMNS, "on_front", *SEED_COLUMNS)]
+    hyper = [c for c in table.columns if c not in RESERVED_COLUMNS]
     points = table[["reward", "kl"]].to_numpy(dtype=float)
     if ref_point is None:
         finite = np.isfinite(points).all(axis=1)
@@ -396,7 +397,7 @@ def write_report(
                         out / "robustness.png", out / "report.md")
     ref_is_default = ref_point is None
     table, ref_point, volume = write_pareto(trials, out, hyperparameter_cols=hyperparameter_cols, ref_point=ref_point)
-    hyper = [c for c in table.columns if c not in (*TRIAL_COLUMNS, *METRIC_COLUMNS, "on_front", *SEED_COLUMNS)]
+    hyper = [c for c in table.columns if c not in RESERVED_COLUMNS]
     finite = np.isfinite(table[["reward", "kl"]].to_numpy(dtype=float)).all(axis=1)
 
     rob = build_robustness_table(robustness, trials)
@@ -504,18 +505,14 @@ def _matched_table(study: study_lib.Study) -> pd.DataFrame:
         cells = {"setting": row["setting"], "seeds": row["n"], "KL": _interval(row, "kl"),
                  "worst case": _interval(row, "worst_reward"),
                  "DPO frontier there": f"{frontier.get(row['setting'], float('nan')):.3f}"}
-        for metric, name in MATCHED_COLUMNS:
-            if metric in study.matched:
+        for metric, name in METRIC_NAMES.items():
+            if metric in study.matched:  # every metric but the KL
                 diff = study.matched[metric].get(row["setting"])
                 cells[f"Δ {name}"] = study_lib.format_difference(diff) + (f" ({diff['verdict']})" if diff and diff["n"] else "")
         cells["Δ worst case vs DPO (selected)"] = study_lib.format_difference(study.vs_dpo.get(row["setting"]))
         cells["note"] = "outside" if row["setting"] in outside else ""
         rows.append(cells)
     return pd.DataFrame(rows)
-
-
-MATCHED_COLUMNS = (("worst_reward", "worst case"), ("mixture_auc", "mixture AUC"),
-                   ("train_reward", "reward at alpha_train"), ("kl_p95", "KL p95"), ("kl_cvar95", "KL CVaR95"))
 
 
 def _grid_table(study: study_lib.Study) -> pd.DataFrame:
@@ -525,9 +522,7 @@ def _grid_table(study: study_lib.Study) -> pd.DataFrame:
         cells = {"setting": row["setting"], "seeds": row["n"],
                  "selection": (f"{row['val_worst_reward']:.3f}" if study.rule == "validation"
                                else f"{row['worst_reward']:.3f}") + (" (selected)" if row["setting"] in selected else "")}
-        for metric, name in (("worst_reward", "worst case"), ("mixture_auc", "mixture AUC"),
-                             ("train_reward", "reward at alpha_train"), ("kl", "KL"),
-                             ("kl_p95", "KL p95"), ("kl_cvar95", "KL CVaR95")):
+        for metric, name in METRIC_NAMES.items():
             if metric in row:
                 cells[name] = _interval(row, metric)
         rows.append(cells)

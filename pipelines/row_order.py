@@ -29,13 +29,11 @@ ADDRESS_COLUMNS = (FILE_INDEX, ROW)
 
 
 def read_addressed(paths: Sequence[str], read_file: Callable[[Any, str], Iterator[Any]], *, filesystem=None):
-    """A Ray Dataset of the rows of `paths`, each with its ADDRESS_COLUMNS.
+    """A Ray Dataset of the rows of `paths`, each with its ADDRESS_COLUMNS (file index = position in `paths`).
 
-    Args:
-        paths: the files, in source order (the file index is the position in this list).
-        read_file: `(stream, path) -> iterator of pyarrow Tables`, the file's rows in file order; a
-            module-level function (or functools.partial of one) so Ray can ship it to the readers.
-        filesystem: a pyarrow/fsspec filesystem for non-local paths (None: local files).
+    `read_file(stream, path)` yields the file's rows as pyarrow Tables in file order; a module-level
+    function (or functools.partial of one) so Ray can ship it to the readers.  `filesystem`: a
+    pyarrow/fsspec filesystem for non-local paths.
     """
     import ray.data
 
@@ -63,10 +61,8 @@ def _addressed_files_class():
 
         def __init__(self, paths: list[str], *, read_file, **kwargs):
             super().__init__(paths, **kwargs)
-            self._index: dict[str, int] = {}
-            for i, p in enumerate(paths):
-                for key in _path_keys(p):
-                    self._index.setdefault(key, i)
+            # reversed: a spelling shared by two paths names the first
+            self._index = {key: i for i, p in reversed(list(enumerate(paths))) for key in _path_keys(p)}
             self._unknown = len(paths)  # a path the filesystem reports differently: sorts after every file
             self._read_file = read_file
 
@@ -95,14 +91,9 @@ def _path_keys(path: str) -> list[str]:
 
 
 def in_source_order(ds, *, tie_break: Sequence[str] = (), batch_size: Optional[int] = None) -> Iterator[Any]:
-    """The rows of `ds` as pyarrow batches sorted by (ADDRESS_COLUMNS, *tie_break), checked on arrival.
-
-    `tie_break` orders rows that share an address (the data stage's resampled copies, by row_id).
-    Yields nothing for an empty dataset.
-
-    Raises:
-        RuntimeError: a row arrived before one it sorts after (the sort did not hold).
-    """
+    """The rows of `ds` as pyarrow batches sorted by (ADDRESS_COLUMNS, *tie_break), checked on arrival
+    (a RuntimeError if the sort did not hold).  `tie_break` orders rows that share an address (the data
+    stage's resampled copies, by row_id)."""
     ds = ds.materialize()
     if ds.count() == 0:
         return
@@ -131,12 +122,8 @@ def write_in_source_order(ds, directory: Path, *, rows_per_file: int, tie_break:
 
 
 def rows_by_file(ds, num_files: int) -> list[Any]:
-    """[the rows of file i in row order, or None when none came back, for i = 0..num_files-1]: the
-    reference stage's few values per row, all on the driver.
-
-    Raises:
-        RuntimeError: rows came back from a file index outside 0..num_files-1.
-    """
+    """[the rows of file i in row order, or None when none came back, for i in range(num_files)]: the
+    reference stage's few values per row, all on the driver; a RuntimeError for an unknown file index."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -152,19 +139,9 @@ def rows_by_file(ds, num_files: int) -> list[Any]:
 
 
 def put_back(table, values, *, columns: Mapping[str, Any], source: str, what: str = "values"):
-    """`table` (a source file's rows) with `columns` of `values` (that file's rows_by_file entry)
-    appended; every row must have exactly one value.
-
-    Args:
-        table: the source file's pyarrow Table.
-        values: pyarrow Table with ROW and `columns`, sorted by ROW, or None (nothing came back).
-        columns: name -> pyarrow type of each appended column.
-        source: the file's path, for the error message.
-        what: what the values are, for the error message.
-
-    Raises:
-        RuntimeError: a row without a value, or with two (never a silent misalignment).
-    """
+    """`table` (a source file's rows) with `columns` (name -> pyarrow type) of `values` (that file's
+    rows_by_file entry: ROW and `columns`, sorted by ROW, or None) appended.  A row without a value,
+    or with two, is a RuntimeError naming `source` and `what`, never a silent misalignment."""
     import pyarrow as pa
 
     rows = [] if values is None else values.column(ROW).to_pylist()

@@ -26,6 +26,7 @@ it, the trials' train config included, so a typo anywhere fails (exit 2) before 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,7 +42,7 @@ from pipelines import timings as timings_lib
 from pipelines import tracking as tracking_lib
 from pipelines.console import say
 from pipelines.errors import UserError
-from pipelines.tracking import MlflowConfig, TrackingConfig, WandbConfig
+from pipelines.tracking import MlflowConfig, WandbConfig
 from pipelines.evaluate import EvaluateConfig, EvaluateOptionsConfig
 from pipelines.train.config import TrainConfig
 from pipelines.tune import SearchConfig, TrialEvalConfig, TuneConfig
@@ -72,7 +73,7 @@ class StudyConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunConfig:
+class RunConfig(tracking_lib.TrackedConfig):
     """The whole run stage: every section typed except `base`, which `load_run_config` checks as a train config."""
 
     output: OutputPath  # required: run directory; --output
@@ -87,12 +88,6 @@ class RunConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     base: dict = config_lib.catch_all(schema=TrainConfig)  # train-config values for every trial (train.*, lora.*, objective.*): every key not above
-
-    def __post_init__(self):
-        tracking_lib.check_names(self.tracking)
-
-    def tracking_config(self) -> TrackingConfig:
-        return TrackingConfig(backends=list(self.tracking), mlflow=self.mlflow, wandb=self.wandb)
 
 
 def load_run_config(path: str | None, overrides: Sequence[str], output: str) -> RunConfig:
@@ -127,7 +122,7 @@ def _with_scenario(values: dict) -> dict:
     merged = config_lib.deep_merge(scenarios.scenario_values(str(values["scenario"]), build_world), values)
     search = merged.get("search", {})
     own = values.get("search", {}).get("overrides", {})
-    kept = config_lib._coerce(search.get("objectives", []), list[str], "search.objectives")
+    kept = config_lib.coerce(search.get("objectives", []), list[str], "search.objectives")
     search["overrides"] = {k: v for k, v in search.get("overrides", {}).items() if k in kept or k in own}
     return merged
 
@@ -311,14 +306,6 @@ def main(args: argparse.Namespace) -> int:
 
 def summary_table(report_md: Path) -> str:
     """The report's first table ("which objective holds up"), for the console."""
-    text = report_md.read_text().split("## Reward vs KL")[0]
-    lines = text.splitlines()
-    first = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
-    table = []
-    for line in lines[first:]:
-        if not line.startswith("|"):
-            break
-        table.append(line)
-    return "\n".join(table)
-
-
+    lines = report_md.read_text().split("## Reward vs KL")[0].splitlines()
+    rows = itertools.dropwhile(lambda line: not line.startswith("|"), lines)
+    return "\n".join(itertools.takewhile(lambda line: line.startswith("|"), rows))

@@ -16,8 +16,8 @@ Pair rows (format "pairs") carry the text columns `prompt`, `chosen`, `rejected`
     reward_<name>_chosen / reward_<name>_rejected (float: a known reward's score of each response),
     flipped (bool: set by the label_flip shift).
 Listwise rows (format "listwise") carry `prompt`, `responses` (list[str]), `scores` (list[float]),
-`prompt_input_ids`, `responses_input_ids` (list[list[int]]), and optionally `calibration`,
-`calibration_oracle`, `p_target` (list[float], one per response), `group`, `source`, `weight`, `reward_<name>` (list[float]).
+`prompt_input_ids`, `responses_input_ids` (list[list[int]]), and optionally `calibration`, `calibration_oracle`,
+`p_target` (list[float], one per response), `group`, `source`, `weight`, `reward_<name>` (list[float]).
 The reference stage adds `reference_chosen_logps` / `reference_rejected_logps` (float), or
 `reference_logps` (list[float]) for listwise rows.
 """
@@ -41,20 +41,17 @@ PAIR_TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_id
 LIST_TEXT_COLUMNS = ("prompt", "responses", "scores")
 LIST_TOKEN_COLUMNS = ("prompt_input_ids", "responses_input_ids")
 CALIBRATION_COLUMNS = ("calibration", "calibration_oracle")  # DoRA's h~ (objective.calibration picks one)
-PASSTHROUGH_COLUMNS = ("group", "source", "weight", *CALIBRATION_COLUMNS)
-REWARD_PREFIX = "reward_"
 REFERENCE_PAIR_COLUMNS = ("reference_chosen_logps", "reference_rejected_logps")
 REFERENCE_LIST_COLUMN = "reference_logps"
 
 
-def write_manifest(directory: str | Path, **fields: Any) -> Path:
-    """Write DIR/manifest.json; `fields` must include format, tokenizer, max_length, splits."""
-    for required in ("format", "tokenizer", "max_length", "splits"):
-        if required not in fields:
-            raise ValueError(f"manifest field '{required}' is required")
+def write_manifest(directory: str | Path, *, format: str, tokenizer: str, max_length: int, splits: Any,
+                   **fields: Any) -> Path:
+    """Write DIR/manifest.json: kind, version, the required keys and any other `fields`."""
     path = Path(directory) / MANIFEST_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = {"kind": DATASET_KIND, "version": DATASET_VERSION, **fields}
+    body = dict(kind=DATASET_KIND, version=DATASET_VERSION, format=format, tokenizer=tokenizer,
+                max_length=max_length, splits=splits, **fields)
     write_text_atomic(path, json.dumps(body, indent=2, sort_keys=True))
     return path
 
@@ -66,9 +63,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not directory.exists():
         raise UserError(f"dataset '{directory}' does not exist")
     if not path.is_file():
-        raise UserError(
-            f"'{directory}' is not a dataset written by `robust-dpo data` (no {MANIFEST_FILE})"
-        )
+        raise UserError(f"'{directory}' is not a dataset written by `robust-dpo data` (no {MANIFEST_FILE})")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -82,11 +77,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 def split_dir(directory: str | Path, split: str) -> Path:
     """The parquet folder of `split`; a UserError naming the available splits if absent."""
-    manifest = read_manifest(directory)
-    if split not in manifest["splits"]:
-        raise UserError(
-            f"dataset '{directory}' has no split '{split}'; it has: {', '.join(sorted(manifest['splits']))}"
-        )
+    splits = read_manifest(directory)["splits"]
+    if split not in splits:
+        raise UserError(f"dataset '{directory}' has no split '{split}'; it has: {', '.join(sorted(splits))}")
     return Path(directory) / split
 
 

@@ -66,11 +66,7 @@ def verdict(low: float, high: float, n: int) -> str:
     """'holds' (interval above 0), 'does not hold' (below 0) or 'inconclusive' (straddles 0, < 2 units)."""
     if n < 2 or not (np.isfinite(low) and np.isfinite(high)):
         return "inconclusive"
-    if low > 0:
-        return "holds"
-    if high < 0:
-        return "does not hold"
-    return "inconclusive"
+    return "holds" if low > 0 else "does not hold" if high < 0 else "inconclusive"
 
 
 def unit_world(unit: str) -> str:
@@ -88,8 +84,7 @@ def area_under_curve(levels: Sequence[float], values: Sequence[float]) -> float:
     if len(lv) < 2:
         return float("nan")
     order = np.argsort(lv, kind="stable")
-    lv, vv = lv[order], vv[order]
-    return float(np.sum(np.diff(lv) * (vv[1:] + vv[:-1]) / 2.0))
+    return float(np.trapezoid(vv[order], lv[order]))
 
 
 def trial_metrics(rob: pd.DataFrame, *, reward: str = "reward", kl: str = "kl",
@@ -218,14 +213,6 @@ def difference_summary(diffs: pd.DataFrame) -> dict[str, dict[str, float]]:
         mean, lo, hi, n = t_interval(part["diff"])
         out[setting] = {"mean": mean, "lo": lo, "hi": hi, "n": n, "verdict": verdict(lo, hi, n)}
     return out
-
-
-def frontier_curve(per_trial: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """DPO's frontier for plotting: per baseline setting and the reference, mean KL and mean metric over
-    units with their t intervals (columns setting, kl, kl_lo, kl_hi, metric, metric_lo, metric_hi)."""
-    part = per_trial[per_trial["objective"].isin([BASELINE, REFERENCE])]
-    agg = aggregate(part, ["kl", metric])
-    return agg.sort_values("kl").reset_index(drop=True)
 
 
 def format_interval(mean: float, lo: float, hi: float, digits: int = 3) -> str:

@@ -78,7 +78,7 @@ def markdown(run_report: Mapping[str, Any]) -> str:
              f"({run_report['total_seconds']:.0f} s; a resumed run counts only what it redid); "
              "timings.json in each stage's folder has the detail.", "", "| phase | seconds |", "|---|---:|"]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in run_report["phases"].items()]
-    trials = [c for c in (run_report.get("children", {}).get("sweep", {}).get("children") or {}).values()]
+    trials = list((run_report.get("children", {}).get("sweep", {}).get("children") or {}).values())
     if trials:
         names = list(dict.fromkeys(name for t in trials for name in t["phases"]))
         lines += ["", f"One trial, mean of {len(trials)} (trials run concurrently, so these overlap):", "",

@@ -19,9 +19,10 @@
 from __future__ import annotations
 
 import importlib.util
-import uuid
 import json
 import math
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
@@ -67,6 +68,17 @@ def check_names(backends: Sequence[str]) -> None:
         raise FieldError("tracking", f"has an unknown backend {unknown[0]!r}; valid: {', '.join(BACKENDS)}")
 
 
+class TrackedConfig:
+    """The `tracking`, `mlflow` and `wandb` keys' check and TrackingConfig, for a stage config that has them
+    (a base without fields, so the stage's keys keep their order)."""
+
+    def __post_init__(self):
+        check_names(self.tracking)
+
+    def tracking_config(self) -> TrackingConfig:
+        return TrackingConfig(backends=list(self.tracking), mlflow=self.mlflow, wandb=self.wandb)
+
+
 def check_backends(cfg: TrackingConfig) -> None:
     """Every asked-for backend's package is importable (UserError naming the extra otherwise)."""
     for name in cfg.backends:
@@ -80,30 +92,40 @@ def mlflow_uri(cfg: TrackingConfig, output_dir: Path) -> str:
 
 def numeric(row: Mapping[str, Any]) -> dict[str, float]:
     """The finite numbers of a metrics row (what every backend can plot)."""
-    out = {}
-    for key, value in row.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if math.isfinite(float(value)):
-            out[key] = float(value)
-    return out
+    return {key: float(value) for key, value in row.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
+
+
+def _mlflow_run(client, cfg: TrackingConfig, run_name: str) -> str:
+    """A new run in cfg.mlflow.experiment (created if missing); its id."""
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.mlflow.experiment)
+    return client.create_run(experiment_id, run_name=run_name).info.run_id
+
+
+def _mlflow_params(params: Mapping[str, Any]):
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:6000]) for k, v in params.items()]
+
+
+def _wandb_init(cfg: TrackingConfig, output_dir: Path, run_name: str, **kwargs):
+    import wandb
+
+    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=run_name,
+                      dir=cfg.wandb.dir or str(output_dir), mode=cfg.wandb.mode or None, **kwargs)
 
 
 # [1] Train: rank 0 logs each reported row ---------------------------------------------------------
 
 
 class RunTracker:
-    """The tracking clients of one training run (opened in the rank-0 worker).
-
-    Args:
-        cfg: which backends and their settings.
-        output_dir: the run's --output (TensorBoard files, tracking.json, default MLflow store).
-        run_name: the tracked run's name (the output folder's name).
-        params: hyperparameters to record once (flat key -> value).
-    """
+    """The tracking clients of one training run (opened in the rank-0 worker).  `output_dir` (the
+    run's --output) holds the TensorBoard files, tracking.json and the default MLflow store; `params`
+    (flat key -> value) are recorded once, when the tracked run is created."""
 
     def __init__(self, cfg: TrackingConfig, output_dir: str | Path, run_name: str, params: Mapping[str, Any]):
-        self.cfg, self.output_dir = cfg, Path(output_dir)
+        self.output_dir = Path(output_dir)
         state_path = self.output_dir / STATE_FILE
         state = json.loads(state_path.read_text()) if state_path.is_file() else {}
         self.tb = self.mlflow = self.mlflow_run = self.wandb_run = None
@@ -117,20 +139,13 @@ class RunTracker:
             self.mlflow = MlflowClient(mlflow_uri(cfg, self.output_dir))
             run_id = state.get("mlflow_run_id")
             if run_id is None:
-                experiment = self.mlflow.get_experiment_by_name(cfg.mlflow.experiment)
-                experiment_id = experiment.experiment_id if experiment else self.mlflow.create_experiment(
-                    cfg.mlflow.experiment)
-                run_id = self.mlflow.create_run(experiment_id, run_name=run_name).info.run_id
+                run_id = _mlflow_run(self.mlflow, cfg, run_name)
                 self.mlflow.log_batch(run_id, params=_mlflow_params(params))
             self.mlflow_run = run_id
             state["mlflow_run_id"] = run_id
         if "wandb" in cfg.backends:
-            import wandb
-
             run_id = state.get("wandb_run_id") or uuid.uuid4().hex[:8]
-            self.wandb_run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=run_name,
-                                        id=run_id, resume="allow", config=dict(params),
-                                        dir=cfg.wandb.dir or str(self.output_dir), mode=cfg.wandb.mode or None)
+            self.wandb_run = _wandb_init(cfg, self.output_dir, run_name, id=run_id, resume="allow", config=dict(params))
             state["wandb_run_id"] = run_id
         self.output_dir.mkdir(parents=True, exist_ok=True)
         state_path.write_text(json.dumps(state, indent=2))
@@ -144,9 +159,8 @@ class RunTracker:
         if self.mlflow is not None:
             from mlflow.entities import Metric
 
-            stamp = _now_ms()
-            self.mlflow.log_batch(self.mlflow_run, metrics=[
-                Metric(k, v, stamp, step) for k, v in values.items()])
+            stamp = int(time.time() * 1000)
+            self.mlflow.log_batch(self.mlflow_run, metrics=[Metric(k, v, stamp, step) for k, v in values.items()])
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
 
@@ -157,18 +171,6 @@ class RunTracker:
             self.mlflow.set_terminated(self.mlflow_run)
         if self.wandb_run is not None:
             self.wandb_run.finish()
-
-
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)
-
-
-def _mlflow_params(params: Mapping[str, Any]):
-    from mlflow.entities import Param
-
-    return [Param(k, str(v)[:6000]) for k, v in params.items()]
 
 
 # [2] Tune: Ray's logger callbacks, then the report's artifacts ------------------------------------
@@ -206,9 +208,7 @@ def log_report(cfg: TrackingConfig, output_dir: Path, name: str, files: Iterable
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(mlflow_uri(cfg, output_dir))
-        experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.mlflow.experiment)
-        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+        run_id = _mlflow_run(client, cfg, run_name)
         for f in files:
             client.log_artifact(run_id, str(f))
         if summary:
@@ -231,8 +231,7 @@ def log_report(cfg: TrackingConfig, output_dir: Path, name: str, files: Iterable
     if "wandb" in cfg.backends:
         import wandb
 
-        run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=run_name,
-                         dir=cfg.wandb.dir or str(output_dir), mode=cfg.wandb.mode or None, config=dict(summary or {}))
+        run = _wandb_init(cfg, output_dir, run_name, config=dict(summary or {}))
         artifact = wandb.Artifact(run_name.replace("/", "_"), type="report")
         for f in files:
             artifact.add_file(str(f))

@@ -44,7 +44,7 @@ from pipelines import timings as timings_lib
 from pipelines import tracking as tracking_lib
 from pipelines.console import Progress, say
 from pipelines.errors import UserError
-from pipelines.tracking import MlflowConfig, TrackingConfig, WandbConfig
+from pipelines.tracking import MlflowConfig, WandbConfig
 from pipelines.train.config import TrainConfig, build_train_config
 from pipelines.paths import OutputPath, RewardSpec, atomic_path, write_text_atomic
 
@@ -94,7 +94,7 @@ class TrialEvalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TuneConfig:
+class TuneConfig(tracking_lib.TrackedConfig):
     """The whole tune stage: `search.*`, `trial_eval.*`, tracking, and every other key is a train-config value."""
 
     output: OutputPath  # required: sweep directory; --output
@@ -104,12 +104,6 @@ class TuneConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     base: dict = config_lib.catch_all(schema=TrainConfig)  # train-config values shared by every trial (model.path, train.max_steps, ...): every key not above
-
-    def __post_init__(self):
-        tracking_lib.check_names(self.tracking)
-
-    def tracking_config(self) -> TrackingConfig:
-        return TrackingConfig(backends=list(self.tracking), mlflow=self.mlflow, wandb=self.wandb)
 
 
 # [1] Trials: explicit, validated, deterministically named --------------------------------------

@@ -23,9 +23,10 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from pipelines import console
 from pipelines import config as config_lib
@@ -86,12 +87,9 @@ class DataResult:
 
 
 def prepare_data(cfg: DataConfig) -> DataResult:
-    """Read, validate, tokenise, shift and write a preference dataset (see module docstring).
-
-    Raises:
-        UserError: bad source/config/shift spec, or invalid rows with `on_invalid="fail"` (after
-            printing up to 20 `<file>:row <index>: <field>: <reason>` lines to stderr).
-    """
+    """Read, validate, tokenise, shift and write a preference dataset (see module docstring).  A UserError
+    for a bad source/config/shift spec, or for invalid rows with `on_invalid="fail"` (after printing up
+    to MAX_ERROR_LINES `<file>:row <index>: <field>: <reason>` lines to stderr)."""
     from pipelines.data import shifts as shift_lib
     from pipelines.timings import Timings
 
@@ -119,7 +117,9 @@ def prepare_data(cfg: DataConfig) -> DataResult:
         ensure_ray()
     with preserve_order():
         with timings.phase("read, validate, tokenise"):
-            raw = {name: read_raw(source, files) for name, files in splits.items()}  # [2] (file, row, record)
+            read_file = functools.partial(_read_records, display=source.display)  # [2] (file, row, record)
+            raw = {name: row_order.read_addressed(files, read_file, filesystem=source.filesystem)
+                   for name, files in splits.items()}
             input_format = cfg.format if cfg.format != "auto" else _detect(raw, cfg.dataset)
             fmt = output_format(input_format)
             prepared = _per_split(raw, lambda ds, _: ds.map_batches(  # [3] normalise + validate + tokenise, once
@@ -134,10 +134,8 @@ def prepare_data(cfg: DataConfig) -> DataResult:
         _write_json(out / schema.STATS_FILE, stats)
         if stats["rows_rejected"] and cfg.on_invalid == "fail":
             _print_first_errors(prepared)
-            raise UserError(
-                f"{stats['rows_rejected']} invalid row(s) in '{cfg.dataset}' (all listed in {rejected_path}); "
-                "fix them or pass --on-invalid skip"
-            )
+            raise UserError(f"{stats['rows_rejected']} invalid row(s) in '{cfg.dataset}' (all listed in "
+                            f"{rejected_path}); fix them or pass --on-invalid skip")
         extra_columns = _merge_extra_columns(summary, fmt)
         valid = {name: ds.map_batches(_finalize_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
                                       fn_kwargs={"extra_columns": extra_columns, "fmt": fmt})
@@ -151,14 +149,12 @@ def prepare_data(cfg: DataConfig) -> DataResult:
             written = _per_split(valid, lambda ds, name: _write_split(ds, out / name))  # [7] write
     stats["rows_written"] = written
     _write_json(out / schema.STATS_FILE, stats)
-    manifest_fields = dict(
-        format=fmt, input_format=input_format, tokenizer=cfg.tokenizer, max_length=cfg.max_length,
-        max_prompt_length=cfg.max_prompt_length, splits=written, source=cfg.dataset,
-        shifts=[s.text for s in parsed_shifts], shift_splits=list(cfg.shift_splits),
-        fingerprint=_fingerprint(source, splits, cfg), seed=cfg.seed,
-    )
     timings.write(out)
-    schema.write_manifest(out, **manifest_fields)
+    schema.write_manifest(out, format=fmt, input_format=input_format, tokenizer=cfg.tokenizer,
+                          max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, splits=written,
+                          source=cfg.dataset, shifts=[s.text for s in parsed_shifts],
+                          shift_splits=list(cfg.shift_splits), fingerprint=_fingerprint(source, splits, cfg),
+                          seed=cfg.seed)
     return DataResult(output=out, manifest=schema.read_manifest(out), stats=stats,
                       rejected_rows=rejected_path, splits=written)
 
@@ -185,11 +181,6 @@ class Source:
     display: dict[str, str]  # file path -> the name error lines and row_id use
     filesystem: Any = None  # None: local files; an fsspec HfFileSystem for hub datasets
 
-    def iter_bytes(self, path: str) -> Iterator[bytes]:
-        with (self.filesystem.open(path, "rb") if self.filesystem is not None else open(path, "rb")) as f:
-            while block := f.read(1 << 20):
-                yield block
-
 
 def resolve_source(dataset: str) -> Source:
     """Local file, local folder (its `data/` subfolder if that holds data files), or hub `owner/name`."""
@@ -202,10 +193,9 @@ def resolve_source(dataset: str) -> Source:
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         return _resolve_saved_to_disk(path, dataset)
     if path.is_dir():
-        shown = dataset
-        files = _data_files(path)
-        if (path / "data").is_dir() and _data_files(path / "data"):  # the world's DIR, or a hub-style repo
-            path, shown, files = path / "data", os.path.join(dataset, "data"), _data_files(path / "data")
+        shown, files = dataset, _data_files(path)
+        if (path / "data").is_dir() and (sub := _data_files(path / "data")):  # the world's DIR, or a hub-style repo
+            shown, files = os.path.join(dataset, "data"), sub
         if not files:
             raise UserError(f"dataset folder '{dataset}' holds no {'/'.join(FILE_SUFFIXES)} files")
         display = {os.path.abspath(f): os.path.join(shown, f.name) for f in files}
@@ -279,16 +269,9 @@ def _resolve_hub(dataset: str) -> Source:
     raise UserError(f"hub dataset '{repo}' has no {'/'.join(FILE_SUFFIXES)} files")
 
 
-def read_raw(source: Source, files: list[str]):
-    """A Ray Dataset of `{file, row, record, read_error}` + the row's address (row_order.py), one row
-    per record, files in the given order."""
-    return row_order.read_addressed(files, functools.partial(_read_records, display=source.display),
-                                    filesystem=source.filesystem)
-
-
 def _read_records(stream, path: str, *, display: dict[str, str]):
-    """`read_file` for row_order.read_addressed: .jsonl/.json/.parquet records with each row's file
-    (its display name) and 0-based index (formats.iter_file_records)."""
+    """`read_file` for row_order.read_addressed: formats.iter_file_records' `{file, row, record,
+    read_error}` rows, `file` being the display name."""
     import pyarrow as pa
 
     raw_schema = pa.schema([("file", pa.string()), ("row", pa.int64()), ("record", pa.string()),
@@ -341,12 +324,8 @@ def _detect(raw: dict, dataset: str) -> str:
 
 
 def _summarize(ds) -> dict[str, Any]:
-    """Per-split counts by error code, truncated rows, and the optional and ignored keys seen: Ray
-    Data's own aggregates over one cheap per-row projection.
-
-    Returns:
-        codes: {error_code: rows} ("" = valid); truncated: rows; extras / ignored: sorted key names.
-    """
+    """{codes: {error_code: rows} ("" = valid), truncated: rows, extras / ignored: sorted key names seen}
+    of a split: Ray Data's own aggregates over one cheap per-row projection."""
     from ray.data.aggregate import Sum, Unique, ValueCounter
 
     found = ds.map_batches(_summary_columns, batch_format="pyarrow").aggregate(
@@ -373,16 +352,12 @@ def _summary_columns(table):
 
 
 def _stats(summary: dict[str, dict], input_format: str, fmt: str) -> dict[str, Any]:
-    per_split = {}
-    by_reason: dict[str, int] = {}
+    per_split, by_reason = {}, Counter()
     for name, s in summary.items():
-        rows_in = sum(s["codes"].values())
-        rows_out = s["codes"].get("", 0)
+        rows_in, rows_out = sum(s["codes"].values()), s["codes"].get("", 0)
         per_split[name] = {"rows_in": rows_in, "rows_out": rows_out, "rows_rejected": rows_in - rows_out,
                            "rows_truncated": s["truncated"]}
-        for code, n in s["codes"].items():
-            if code:
-                by_reason[code] = by_reason.get(code, 0) + n
+        by_reason.update({code: n for code, n in s["codes"].items() if code})
     total = {k: sum(p[k] for p in per_split.values())
              for k in ("rows_in", "rows_out", "rows_rejected", "rows_truncated")}
     ignored = sorted({k for s in summary.values() for k in s["ignored"]})
@@ -394,24 +369,17 @@ def _errors(ds):
     """The rejected rows of a prepared split, in file order (the executor preserves order)."""
     import pyarrow.compute as pc
 
-    return ds.map_batches(
-        lambda t: t.filter(pc.not_equal(t["error_code"], "")).select(["file", "row", "error_field", "error_reason"]),
-        batch_format="pyarrow",
-    )
-
-
-def _error_line(row: dict) -> str:
-    return f"{row['file']}:row {row['row']}: {row['error_field']}: {row['error_reason']}"
+    columns = ["file", "row", "error_field", "error_reason"]
+    return ds.map_batches(lambda t: t.filter(pc.not_equal(t["error_code"], "")).select(columns), batch_format="pyarrow")
 
 
 def _print_first_errors(prepared: dict) -> None:
-    shown = 0
+    rows = []
     for ds in prepared.values():
-        for row in _errors(ds).take(MAX_ERROR_LINES - shown):
-            print(_error_line(row), file=console.err())
-            shown += 1
-        if shown >= MAX_ERROR_LINES:
-            break
+        if len(rows) < MAX_ERROR_LINES:
+            rows += _errors(ds).take(MAX_ERROR_LINES - len(rows))
+    for row in rows:
+        print(f"{row['file']}:row {row['row']}: {row['error_field']}: {row['error_reason']}", file=console.err())
 
 
 def _write_rejected(out: Path, prepared: dict) -> Path:
@@ -426,16 +394,10 @@ def _write_rejected(out: Path, prepared: dict) -> Path:
 
 def _merge_extra_columns(summary: dict[str, dict], fmt: str) -> dict[str, str]:
     """Arrow type names for the optional columns any split carries (a column missing in a row is null)."""
+    fixed = {"group": "string", "source": "string", "flipped": "bool", "weight": "double"}
     names = sorted({k for s in summary.values() for k in s["extras"]})
-    kinds = {}
-    for name in names:
-        if name in ("group", "source"):
-            kinds[name] = "string"
-        elif name == "flipped":
-            kinds[name] = "bool"
-        else:  # weight, calibration, reward_*: one float per pair, or one per response when listwise
-            kinds[name] = "list<double>" if fmt == "listwise" and name != "weight" else "double"
-    return kinds
+    # calibration, p_target, reward_*: one float per pair, or one per response when listwise
+    return {name: fixed.get(name, "list<double>" if fmt == "listwise" else "double") for name in names}
 
 
 def _finalize_batch(table, *, extra_columns: dict[str, str], fmt: str):
@@ -469,11 +431,9 @@ def _hold_out(ds, fraction: float, seed: int) -> dict:
 
 
 def _write_split(ds, directory: Path) -> int:
-    """Write the split's rows in source order (file, row, then row_id for resampled copies) as
-    part-NNNNN.parquet files of at most ROWS_PER_FILE rows; return the number of rows.
-
-    The train stage's step s is a function of row order, and Ray Data does not keep it through
-    actor pools and writes, so the rows' addresses from the read decide it (row_order.py)."""
+    """Write the split's rows in source order (file, row, then row_id for resampled copies: the train
+    stage's step order, row_order.py) as part-NNNNN.parquet files of at most ROWS_PER_FILE rows; return
+    the number of rows."""
     if directory.exists():
         shutil.rmtree(directory)  # a rerun replaces the split instead of mixing old and new files
     directory.mkdir(parents=True)  # an empty split still gets its folder
@@ -486,8 +446,9 @@ def _fingerprint(source: Source, splits: dict[str, list[str]], cfg: DataConfig) 
     for name in sorted(splits):
         for path in splits[name]:
             h.update(f"{name}\0{source.display[path]}\0".encode())
-            for chunk in source.iter_bytes(path):
-                h.update(chunk)
+            with (source.filesystem.open(path, "rb") if source.filesystem is not None else open(path, "rb")) as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
     tok = Path(cfg.tokenizer)
     if tok.is_dir():
         for p in sorted(tok.iterdir()):

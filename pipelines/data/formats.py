@@ -13,9 +13,8 @@ Files are read record by record with a 0-based row index per file (`iter_file_re
 problem, an unparsable line included, is reported as `<file>:row <index>: <field>: <message>` and
 counted under its `code` (ERROR_CODES).  Optional columns (group, source, weight, calibration,
 calibration_oracle, p_target_chosen/p_target_rejected (p_target listwise), reward_<name>..., flipped)
-are type-checked and passed through; other keys are ignored and listed in
-data_stats.json.  `prepare_rows` is the whole per-batch transform the data stage runs in
-`map_batches`: dict of lists in, dict of lists out, one output row per input row.
+are type-checked and passed through; other keys are ignored and listed in data_stats.json.
+`prepare_rows` is the data stage's whole `map_batches` transform: one output row per input row.
 """
 
 from __future__ import annotations
@@ -23,9 +22,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
 
-from pipelines.schema import CALIBRATION_COLUMNS
+from pipelines import schema
 
 INPUT_FORMATS = ("pairs", "hh", "chat", "listwise")
 # The HH split point (Bai et al. 2022, Anthropic HH-RLHF): the prompt is everything through the LAST
@@ -54,7 +54,7 @@ class RowError(Exception):
 
 
 def parse_record(text: str) -> dict[str, Any]:
-    """Parse one JSON line/record into a dict; RowError('record', unparsable|not_an_object) otherwise."""
+    """One JSON record as a dict; RowError('record', unparsable|not_an_object) otherwise."""
     try:
         value = json.loads(text)
     except (json.JSONDecodeError, RecursionError, ValueError) as exc:
@@ -87,34 +87,18 @@ def output_format(input_format: str) -> str:
 
 
 def render_plain(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
-    """Fallback chat rendering when the tokenizer has no chat template.
-
-    One `role: content` line per message, joined by newlines; the generation prompt appends
-    "\\nassistant:" so the completion continues it, e.g. prompt "user: w1\\nassistant:" and
-    completion " w3".
-    """
+    """Chat rendering without a chat template: `role: content` lines; the generation prompt appends
+    "\\nassistant:" so the completion continues it (prompt "user: w1\\nassistant:", completion " w3")."""
     text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
     return text + ("\nassistant:" if add_generation_prompt else "")
 
 
 def normalize_record(record: Mapping[str, Any], input_format: str, render: Render = render_plain) -> dict[str, Any]:
-    """Normalise and validate one parsed record.
-
-    Args:
-        record: the raw row (a JSON object or a parquet row as a dict).
-        input_format: one of INPUT_FORMATS.
-        render: chat renderer `(messages, add_generation_prompt) -> text` (chat format only).
-
-    Returns:
-        For pairs-shaped formats {"prompt", "chosen", "rejected", "extras"}, for listwise
-        {"prompt", "responses", "scores", "extras"}; `extras` holds the validated optional columns.
-
-    Raises:
-        RowError: the first problem found in the row.
-    """
+    """{"prompt", "chosen", "rejected" | "responses", "scores", "extras": validated optional columns}
+    of one parsed record, or a RowError for its first problem.  `render(messages, add_generation_prompt)`
+    renders chat rows."""
     if input_format == "pairs":
-        row = {"prompt": _text(record, "prompt"), "chosen": _text(record, "chosen"),
-               "rejected": _text(record, "rejected")}
+        row = {name: _text(record, name) for name in schema.PAIR_TEXT_COLUMNS}
     elif input_format == "hh":
         row = _split_hh(_text(record, "chosen"), _text(record, "rejected"))
     elif input_format == "chat":
@@ -125,17 +109,15 @@ def normalize_record(record: Mapping[str, Any], input_format: str, render: Rende
         raise ValueError(f"unknown input format {input_format!r}")
     if "responses" not in row and row["chosen"] == row["rejected"]:
         raise RowError("rejected", "identical", "identical to chosen")
-    n = len(row["responses"]) if "responses" in row else None
-    row["extras"] = _extras(record, n)
+    row["extras"] = _extras(record, len(row["responses"]) if "responses" in row else None)
     return row
 
 
 def ignored_keys(record: Mapping[str, Any], input_format: str) -> list[str]:
     """Keys of `record` that are neither inputs of `input_format` nor pass-through columns."""
-    used = {"pairs": {"prompt", "chosen", "rejected"}, "hh": {"chosen", "rejected", "prompt"},
-            "chat": {"prompt", "chosen", "rejected"}, "listwise": {"prompt", "responses", "scores"}}
-    known = used[input_format] | set(STRING_PASSTHROUGH) | {"weight", "flipped", *CALIBRATION_COLUMNS,
-                                                            *P_TARGET_PAIR, P_TARGET_LIST}
+    used = schema.LIST_TEXT_COLUMNS if input_format == "listwise" else schema.PAIR_TEXT_COLUMNS
+    known = {*used, *STRING_PASSTHROUGH, "weight", "flipped", *schema.CALIBRATION_COLUMNS, *P_TARGET_PAIR,
+             P_TARGET_LIST}
     return sorted(k for k in record if k not in known and not k.startswith("reward_"))
 
 
@@ -182,7 +164,7 @@ def _render_chat(record: Mapping[str, Any], render: Render) -> dict[str, str]:
     # The completion starts where the rendered prompt and prompt+completion diverge (TRL 1.16
     # `common_prefix_length` does the same on token ids), so a template that renders the prompt
     # alone differently still yields a prompt that is a true prefix of both sequences.
-    cut = min(_common_prefix(prompt_text, text) for text in full)
+    cut = min(len(os.path.commonprefix([prompt_text, text])) for text in full)
     row = {"prompt": prompt_text[:cut], "chosen": full[0][cut:], "rejected": full[1][cut:]}
     if not row["prompt"].strip():
         raise RowError("prompt", "empty", "renders to empty text")
@@ -201,7 +183,11 @@ def _listwise(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _extras(record: Mapping[str, Any], n_responses: int | None) -> dict[str, Any]:
-    """Validated optional columns; None values count as absent."""
+    """Validated optional columns; None values count as absent.  `n_responses` is None for pair rows,
+    whose numeric columns hold one number, else the length of each listwise numeric column."""
+    def number(key: str) -> float | list[float]:
+        return _number(record[key], key) if n_responses is None else _numbers(record, key, n_responses)
+
     out: dict[str, Any] = {}
     for key in STRING_PASSTHROUGH:
         value = record.get(key)
@@ -219,31 +205,26 @@ def _extras(record: Mapping[str, Any], n_responses: int | None) -> dict[str, Any
         if not isinstance(record["flipped"], bool):
             raise RowError("flipped", "wrong_type", f"expected true/false, got {_type(record['flipped'])}")
         out["flipped"] = record["flipped"]
-    for key in CALIBRATION_COLUMNS:  # DoRA's h~: the classifier's, and the oracle's where the data has it
+    for key in schema.CALIBRATION_COLUMNS:  # DoRA's h~: the classifier's, and the oracle's where the data has it
         if record.get(key) is not None:
-            out[key] = _number(record[key], key) if n_responses is None else _numbers(record, key, n_responses)
+            out[key] = number(key)
     # P(target | response), from which a source_mixture shift recomputes h~ for the new mix
     for key in (P_TARGET_PAIR if n_responses is None else (P_TARGET_LIST,)):
-        if record.get(key) is None:
-            continue
-        values = [_number(record[key], key)] if n_responses is None else _numbers(record, key, n_responses)
-        if not all(0.0 <= v <= 1.0 for v in values):
-            raise RowError(key, "out_of_range", f"must be in [0, 1], got {record[key]!r}")
-        out[key] = values[0] if n_responses is None else values
+        if record.get(key) is not None:
+            out[key] = number(key)
+            if not all(0.0 <= v <= 1.0 for v in (out[key] if n_responses is not None else [out[key]])):
+                raise RowError(key, "out_of_range", f"must be in [0, 1], got {record[key]!r}")
     if n_responses is None and (record.get(P_TARGET_PAIR[0]) is None) != (record.get(P_TARGET_PAIR[1]) is None):
         present, missing = P_TARGET_PAIR if record.get(P_TARGET_PAIR[0]) is not None else P_TARGET_PAIR[::-1]
         raise RowError(missing, "missing", f"required because {present} is present")
-    rewards = sorted(k for k in record if k.startswith("reward_") and record[k] is not None)
-    for key in rewards:
-        if n_responses is not None:
-            out[key] = _numbers(record, key, n_responses)
-            continue
-        for own, other in (("_chosen", "_rejected"), ("_rejected", "_chosen")):
-            if key.endswith(own) and record.get(key[: -len(own)] + other) is None:
-                raise RowError(key[: -len(own)] + other, "missing", f"required because {key} is present")
-        if not key.endswith(("_chosen", "_rejected")):
-            raise RowError(key, "wrong_type", "pair rows carry reward_<name>_chosen and reward_<name>_rejected")
-        out[key] = _number(record[key], key)
+    for key in sorted(k for k in record if k.startswith("reward_") and record[k] is not None):
+        if n_responses is None:
+            for own, other in (("_chosen", "_rejected"), ("_rejected", "_chosen")):
+                if key.endswith(own) and record.get(key[: -len(own)] + other) is None:
+                    raise RowError(key[: -len(own)] + other, "missing", f"required because {key} is present")
+            if not key.endswith(("_chosen", "_rejected")):
+                raise RowError(key, "wrong_type", "pair rows carry reward_<name>_chosen and reward_<name>_rejected")
+        out[key] = number(key)
     return out
 
 
@@ -298,47 +279,28 @@ def _messages(record: Mapping[str, Any], field: str) -> list[dict[str, str]]:
     return out
 
 
-def _finite(value: int | float) -> bool:
-    """math.isfinite, with integers too large for a float counted as not finite (no OverflowError)."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def _number(value: Any, field: str) -> float:
+def _number(value: Any, field: str, index: int | None = None) -> float:
+    """A finite number (an integer too large for a float is not finite); `index`: its place in a list."""
+    at = "" if index is None else f" at index {index}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RowError(field, "wrong_type", f"expected a number, got {_type(value)}")
-    if not _finite(value):
-        raise RowError(field, "non_finite", f"non-finite value {_short(value)}")
+        what = "a number" if index is None else "numbers"
+        raise RowError(field, "wrong_type", f"expected {what}, got {_type(value)}{at}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
+        text = repr(value)
+        short = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+        raise RowError(field, "non_finite", f"non-finite value {short}{at}")
     return float(value)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def _numbers(record: Mapping[str, Any], field: str, length: int) -> list[float]:
     values = _list(record, field)
     if len(values) != length:
         raise RowError(field, "length_mismatch", f"has {len(values)} values but there are {length} responses")
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise RowError(field, "wrong_type", f"expected numbers, got {_type(v)} at index {i}")
-        if not _finite(v):
-            raise RowError(field, "non_finite", f"non-finite value {_short(v)} at index {i}")
-        out.append(float(v))
-    return out
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    return [_number(v, field, i) for i, v in enumerate(values)]
 
 
 def _type(value: Any) -> str:
@@ -351,15 +313,6 @@ def _type(value: Any) -> str:
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: `datasets` save_to_disk shards (Arrow IPC streams)
 RECORDS_PER_CHUNK = 2048
 JSON_WHITESPACE = " \t\r\n"  # RFC 8259 insignificant whitespace
-
-
-def _arrow_stream_batches(data) -> Iterator[Any]:
-    """Record batches of an Arrow IPC stream (a `datasets` save_to_disk shard), RECORDS_PER_CHUNK rows at most."""
-    import pyarrow as pa
-
-    for batch in pa.ipc.open_stream(data):
-        for start in range(0, batch.num_rows, RECORDS_PER_CHUNK):
-            yield batch.slice(start, RECORDS_PER_CHUNK)
 
 
 def iter_file_records(stream: BinaryIO, file: str, suffix: str) -> Iterator[list[dict[str, Any]]]:
@@ -379,13 +332,14 @@ def iter_file_records(stream: BinaryIO, file: str, suffix: str) -> Iterator[list
 
         row = 0
         data = pa.BufferReader(stream.read())
-        try:
+        try:  # an Arrow IPC stream's (a save_to_disk shard's) batches may be large: sliced too
             batches = (pq.ParquetFile(data).iter_batches(batch_size=RECORDS_PER_CHUNK) if suffix == ".parquet"
-                       else _arrow_stream_batches(data))
+                       else pa.ipc.open_stream(data))
             for batch in batches:
-                records = batch.to_pylist()
-                yield [_record(file, row + i, json.dumps(r, default=_json_default)) for i, r in enumerate(records)]
-                row += len(records)
+                for start in range(0, batch.num_rows, RECORDS_PER_CHUNK):
+                    records = batch.slice(start, RECORDS_PER_CHUNK).to_pylist()
+                    yield [_record(file, row + i, json.dumps(r, default=_json_default)) for i, r in enumerate(records)]
+                    row += len(records)
         except (pa.ArrowException, OSError) as exc:  # truncated, empty or not a parquet/arrow file at all
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             yield [_record(file, row, "", f"cannot read the {suffix[1:]} file after {row} row(s) ({first})")]
@@ -456,8 +410,6 @@ def _record(file: str, row: int, record: str, read_error: str = "") -> dict[str,
 
 def output_columns(fmt: str) -> tuple[str, ...]:
     """The text + token columns of an output row shape (pipelines/schema.py)."""
-    from pipelines import schema
-
     if fmt == "listwise":
         return schema.LIST_TEXT_COLUMNS + schema.LIST_TOKEN_COLUMNS
     return schema.PAIR_TEXT_COLUMNS + schema.PAIR_TOKEN_COLUMNS
@@ -468,16 +420,12 @@ def prepared_schema(fmt: str):
     import pyarrow as pa
 
     ids = pa.list_(pa.int32())
+    lists = {"responses": pa.list_(pa.string()), "scores": pa.list_(pa.float64()), "responses_input_ids": pa.list_(ids)}
     cols = [("file", pa.string()), ("row", pa.int64()), ("row_id", pa.string()), ("error_field", pa.string()),
             ("error_code", pa.string()), ("error_reason", pa.string()), ("truncated", pa.bool_()),
-            ("extras", pa.string()), ("ignored", pa.string()), ("prompt", pa.string())]
-    if fmt == "listwise":
-        cols += [("responses", pa.list_(pa.string())), ("scores", pa.list_(pa.float64())),
-                 ("prompt_input_ids", ids), ("responses_input_ids", pa.list_(ids))]
-    else:
-        cols += [("chosen", pa.string()), ("rejected", pa.string()), ("prompt_input_ids", ids),
-                 ("chosen_input_ids", ids), ("rejected_input_ids", ids)]
-    return pa.schema(cols)
+            ("extras", pa.string()), ("ignored", pa.string())]
+    return pa.schema(cols + [(name, lists.get(name, ids if name.endswith("_ids") else pa.string()))
+                             for name in output_columns(fmt)])
 
 
 def prepare_rows(
@@ -497,27 +445,19 @@ def prepare_rows(
     `DataCollatorForPreference` with `truncation_mode="keep_start"` (its default): prompt + response is
     cut to its first `max_length` tokens, i.e. the response keeps `max_length - len(prompt)` tokens.
     A prompt that leaves no room for a response (TRL drops these rows silently) is rejected here as
-    `prompt_too_long`, as is one longer than `max_prompt_length`.
+    `prompt_too_long`, as is one longer than `max_prompt_length` (None: max_length - 1).
 
-    Args:
-        batch: columns `file`, `row`, `record`, `read_error` (from `iter_file_records`), length B.
-        input_format: one of INPUT_FORMATS.
-        tokenizer: a loaded `transformers` tokenizer.
-        max_length: tokens of prompt + response kept.
-        max_prompt_length: prompts with more tokens are rejected (None: max_length - 1).
-
-    Returns:
-        Columns of `prepared_schema(output_format(input_format))`, each of length B; rejected rows have
-        a non-empty `error_code` and empty text/token columns.
+    `batch` has the columns of `iter_file_records`' dicts; the result those of
+    `prepared_schema(output_format(input_format))`, a rejected row with a non-empty `error_code` and
+    empty text/token columns.
     """
     fmt = output_format(input_format)
     use_template = input_format == "chat" and bool(getattr(tokenizer, "chat_template", None))
     render = (lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)) \
         if use_template else render_plain
-    n = len(batch["record"])
     out: dict[str, list[Any]] = {name: [] for name in prepared_schema(fmt).names}
     rows: list[dict[str, Any] | RowError] = []
-    for i in range(n):
+    for i in range(len(batch["record"])):
         try:
             if batch["read_error"][i]:
                 raise RowError("record", "unparsable", batch["read_error"][i])
@@ -532,19 +472,14 @@ def prepare_rows(
     for i, row in enumerate(rows):
         if not isinstance(row, RowError):
             row = _truncate(row, fmt, max_length, prompt_limit, max_prompt_length is not None)
+        if isinstance(row, RowError):
+            row = {"error_field": row.field, "error_code": row.code, "error_reason": row.message, "truncated": False,
+                   "extras": {}, "ignored": "", **{name: _empty(name) for name in output_columns(fmt)}}
         file, index = batch["file"][i], int(batch["row"][i])
-        out["file"].append(file)
-        out["row"].append(index)
-        out["row_id"].append(f"{file}:row {index}")
-        bad = isinstance(row, RowError)
-        out["error_field"].append(row.field if bad else "")
-        out["error_code"].append(row.code if bad else "")
-        out["error_reason"].append(row.message if bad else "")
-        out["truncated"].append(False if bad else row["truncated"])
-        out["extras"].append("{}" if bad else json.dumps(row["extras"]))
-        out["ignored"].append("" if bad else row["ignored"])
-        for name in output_columns(fmt):
-            out[name].append(_empty(name) if bad else row[name])
+        values = {"error_field": "", "error_code": "", "error_reason": "", **row, "file": file, "row": index,
+                  "row_id": f"{file}:row {index}", "extras": json.dumps(row["extras"])}
+        for name, column in out.items():
+            column.append(values[name])
     return out
 
 

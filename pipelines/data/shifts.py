@@ -27,11 +27,14 @@ from __future__ import annotations
 import hashlib
 import os
 import math
+from collections import Counter
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from pipelines import config as config_lib
 from pipelines.errors import UserError
 
 TARGET_SOURCES = ("target", "human")  # source_mixture: these sources are "target", all others "other"
@@ -49,6 +52,8 @@ SHIFT_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
                "sampling": (SAMPLING, "thin"), "seed": (int, None)},
 }
 LEVEL_KEY = {"mixture": "alpha", "label_flip": "eps", "source_mixture": "target", "length": "strength"}
+RANGES = {"mixture": {"alpha": "[0, 1]", "temperature": "> 0"}, "label_flip": {"eps": "[0, 1]"},
+          "source_mixture": {"target": "[0, 1]"}, "length": {"strength": ">= 0"}}  # config_lib.check rules
 
 
 @dataclass(frozen=True)
@@ -92,12 +97,9 @@ def parse_shift(spec: str | ShiftSpec) -> ShiftSpec:
 
 
 def expand_grid(spec: str) -> list[tuple[str, float | None, str]]:
-    """Expand one grid key `key=start:stop:num` (inclusive linspace) into concrete specs.
-
-    Returns:
-        [(shift_name, level, spec_text)]: `mixture:alpha=0:1:3` -> [("mixture", 0.0, "mixture:alpha=0,..."),
-        ("mixture", 0.5, ...), ("mixture", 1.0, ...)].  A spec without a grid gives one entry whose
-        level is its main parameter (alpha, eps, target, strength) or None.
+    """[(shift_name, level, spec_text)] for one grid key `key=start:stop:num` (inclusive linspace):
+    `mixture:alpha=0:1:3` -> [("mixture", 0.0, "mixture:alpha=0,..."), ("mixture", 0.5, ...), ...].
+    A spec without a grid gives one entry, level = its main parameter (alpha, eps, target, strength) or None.
     """
     name, pairs = _split_spec(spec)
     grid = [(i, k, v) for i, (k, v) in enumerate(pairs) if _is_grid(v)]
@@ -160,25 +162,19 @@ def _convert(spec: str, key: str, raw: str, tp: Any) -> Any:
 
 
 def _check_ranges(spec: str, name: str, p: dict[str, Any]) -> None:
-    def need(ok: bool, what: str):
-        if not ok:
-            raise UserError(f"shift '{spec}': {what}")
-
-    if name == "mixture":
-        need(0.0 <= p["alpha"] <= 1.0, f"alpha must be in [0, 1], got {p['alpha']}")
-        need(p["temperature"] > 0, f"temperature must be > 0, got {p['temperature']}")
-        need((p["r1"] is None) == (p["r2"] is None), "give both r1 and r2, or neither")
-    elif name == "label_flip":
-        need(0.0 <= p["eps"] <= 1.0, f"eps must be in [0, 1], got {p['eps']}")
-    elif name == "source_mixture":
-        need(0.0 <= p["target"] <= 1.0, f"target must be in [0, 1], got {p['target']}")
-    elif name == "length":
-        need(p["strength"] >= 0, f"strength must be >= 0, got {p['strength']}")
-    elif name == "group_weights":
+    try:
+        for key, rule in RANGES.get(name, {}).items():
+            config_lib.check(SimpleNamespace(**{key: p[key]}), rule, key)
+    except config_lib.FieldError as exc:  # e.g. "eps must be in [0, 1], got 1.5"
+        raise UserError(f"shift '{spec}': {exc}") from None
+    if name == "mixture" and (p["r1"] is None) != (p["r2"] is None):
+        raise UserError(f"shift '{spec}': give both r1 and r2, or neither")
+    if name == "group_weights":
         weights = group_targets(p)
-        need(bool(weights), "name at least one group, e.g. group_weights:a=0.7,b=0.3")
-        need(all(w >= 0 for w in weights.values()) and sum(weights.values()) > 0,
-             "group weights must be >= 0 with a positive sum")
+        if not weights:
+            raise UserError(f"shift '{spec}': name at least one group, e.g. group_weights:a=0.7,b=0.3")
+        if not (all(w >= 0 for w in weights.values()) and sum(weights.values()) > 0):
+            raise UserError(f"shift '{spec}': group weights must be >= 0 with a positive sum")
 
 
 def group_targets(params: Mapping[str, Any]) -> dict[str, float]:
@@ -228,19 +224,17 @@ def swap_pairs(table, mask: np.ndarray):
 
 def flip_labels(table, *, eps: float, seed: int, tag: str = "label_flip"):
     """Swap chosen/rejected with probability eps per row (symmetric label noise, as rDPO assumes).
-
-    `flipped` is set to (previous flipped) XOR (flipped now), so it always says whether the label
-    disagrees with the source's label.
-    """
+    `flipped` becomes (previous flipped, null: False) XOR (flipped now): whether the label disagrees
+    with the source's."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     flip = row_uniforms(table.column("row_id").to_pylist(), seed, tag) < eps
     table = swap_pairs(table, flip)
-    before = np.zeros(len(flip), dtype=bool)
     if "flipped" in table.column_names:
-        before = np.array([bool(v) for v in table.column("flipped").to_pylist()], dtype=bool)  # null: False
+        flip ^= pc.fill_null(table.column("flipped").cast(pa.bool_()), False).to_numpy(zero_copy_only=False)
         table = table.drop_columns(["flipped"])
-    return table.append_column("flipped", pa.array(before ^ flip))
+    return table.append_column("flipped", pa.array(flip))
 
 
 def mixture_reward(r1: np.ndarray, r2: np.ndarray, alpha: float, form: str) -> np.ndarray:
@@ -258,9 +252,8 @@ def relabel_by_mixture(table, *, alpha: float, form: str, r1: str, r2: str, temp
 
     Pairs: with rc, rr the mixture rewards of chosen and rejected, deterministic mode swaps the pair
     when rr > rc (ties keep the label); `sample=true` draws the label from Bradley-Terry,
-    P(chosen stays preferred) = sigmoid((rc - rr) / temperature).  `flipped` is reset to "the label
-    goes against r(alpha)'s order".  Listwise rows: `scores` become the mixture reward of each
-    response (deterministic only).
+    P(chosen stays preferred) = sigmoid((rc - rr) / temperature).  `flipped` becomes "the label goes
+    against r(alpha)'s order".  Listwise rows: `scores` become each response's mixture reward.
     """
     import pyarrow as pa
 
@@ -278,9 +271,7 @@ def relabel_by_mixture(table, *, alpha: float, form: str, r1: str, r2: str, temp
     else:
         swap = rr > rc
     table = swap_pairs(table, swap)
-    # The new labels come from r(alpha): `flipped` now says whether a label goes against r(alpha)'s
-    # order (never when deterministic; the Bradley-Terry draws that did when sampled).
-    against = np.where(swap, rc > rr, rr > rc)
+    against = np.where(swap, rc > rr, rr > rc)  # never when deterministic; the Bradley-Terry draws that did
     if "flipped" in table.column_names:
         table = table.drop_columns(["flipped"])
     return table.append_column("flipped", pa.array(against))
@@ -356,8 +347,8 @@ def group_rates(counts: Mapping[str, int], targets: Mapping[str, float], samplin
 def resample_by_key(table, *, column: str, rates: Mapping[str, float], key_map: Mapping[str, str] | None,
                     sampling: str, seed: int, tag: str):
     """resample_rows with rate `rates[key]` per row, key = the column value (mapped through key_map)."""
-    keys = [_key(v, key_map) for v in table.column(column).to_pylist()]
-    return resample_rows(table, np.array([rates.get(k, 0.0) for k in keys]), sampling=sampling, seed=seed, tag=tag)
+    row_rates = np.array([rates.get(_key(v, key_map), 0.0) for v in table.column(column).to_pylist()])
+    return resample_rows(table, row_rates, sampling=sampling, seed=seed, tag=tag)
 
 
 P_CLIP = 1e-6  # DoRA gotcha 3 (OBJECTIVES.md 6.5): clip p before (1 - p) / p
@@ -414,8 +405,7 @@ def length_tilt(lengths: np.ndarray, *, direction: str, strength: float, samplin
     For roughly normal lengths the tilted mean length moves by `strength` standard deviations
     (longer: up, shorter: down).  thin divides w by its maximum, poisson by its mean (size kept).
     """
-    mean = float(lengths.mean()) if len(lengths) else 0.0
-    std = float(lengths.std()) if len(lengths) else 0.0
+    mean, std = (float(lengths.mean()), float(lengths.std())) if len(lengths) else (0.0, 0.0)
     slope = (strength if direction == "longer" else -strength) / (std if std > 0 else 1.0)
     w = np.exp(slope * (lengths - mean)) if len(lengths) else np.ones(1)
     return {"mean": mean, "slope": slope, "norm": float(w.max() if sampling == "thin" else w.mean())}
@@ -435,20 +425,17 @@ def apply_shifts(ds, specs: Sequence[str | ShiftSpec], *, seed: int = 0):
     Each shift is a `map_batches` over pyarrow batches; resampling shifts first run one small
     counting pass.  The i-th shift's randomness is keyed by (seed or its own seed=, i, name).
     """
-    for position, spec in enumerate(specs):
-        spec = parse_shift(spec)
-        p = spec.params
-        s_seed = p["seed"] if p.get("seed") is not None else seed
-        tag = f"{position}:{spec.name}"
-        names = ds.schema().names
-        listwise = "responses" in names
-        fn, kwargs = _plan(ds, spec, names, listwise, s_seed, tag)
+    for position, spec in enumerate(map(parse_shift, specs)):
+        own_seed = spec.params.get("seed")
+        fn, kwargs = _plan(ds, spec, seed if own_seed is None else own_seed, f"{position}:{spec.name}")
         ds = ds.map_batches(fn, batch_format="pyarrow", fn_kwargs=kwargs)
     return ds
 
 
-def _plan(ds, spec: ShiftSpec, names: list[str], listwise: bool, seed: int, tag: str):
-    p = spec.params
+def _plan(ds, spec: ShiftSpec, seed: int, tag: str):
+    """The shift's per-batch transform and its kwargs, after any counting pass it needs."""
+    p, names = spec.params, ds.schema().names
+    listwise = "responses" in names
     if spec.name == "label_flip":
         if listwise:
             raise UserError(f"shift '{spec.text}': label_flip needs pair rows (chosen/rejected), not listwise")
@@ -498,11 +485,10 @@ def count_keys(ds, column: str, key_map: Mapping[str, str] | None) -> dict[str, 
 
     found = (ds.aggregate(ValueCounter(on=column, alias_name="counts")) or {}).get("counts") or {
         "values": [], "counts": []}  # aggregate gives None for a dataset with no rows
-    counts: dict[str, int] = {}
+    counts = Counter()
     for value, n in zip(found["values"], found["counts"]):  # null is a value here (key "")
-        key = _key(value, key_map)
-        counts[key] = counts.get(key, 0) + int(n)
-    return counts
+        counts[_key(value, key_map)] += int(n)
+    return dict(counts)
 
 
 def min_value(ds, columns: list[str]) -> float:
@@ -518,8 +504,6 @@ def _values(table, *, columns: list[str]):
     import pyarrow as pa
     import pyarrow.types as pat
 
-    parts = []
-    for name in columns:
-        col = table.column(name).combine_chunks()
-        parts.append((col.flatten() if pat.is_list(col.type) else col).cast(pa.float64()))
-    return pa.table({"value": pa.concat_arrays(parts) if parts else pa.array([], pa.float64())})
+    parts = [table.column(name).combine_chunks() for name in columns]
+    return pa.table({"value": pa.concat_arrays([(c.flatten() if pat.is_list(c.type) else c).cast(pa.float64())
+                                                for c in parts])})

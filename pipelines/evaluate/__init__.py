@@ -19,8 +19,8 @@ Per checkpoint (a policy dir loadable by from_pretrained, or a PEFT adapter dir)
   per-prompt means over the level's rows (so resampling shifts reweight prompts); under the mixture
   shift, level alpha scores the same samples with alpha r1 + (1 - alpha) r2.
 - validation prompts: `generation.validation_fraction` of the sampled prompts (a fixed split by the
-  hash of the prompt text) are held out: `reward`, `kl` average the other (test) prompts only, and
-  `val_reward`, `val_kl` the held-out ones, so a sweep can select on one and report the other.
+  hash of the prompt text) are held out of `reward`, `kl` into `val_reward`, `val_kl`, so a sweep
+  can select on one and report the other.
 
 Outputs in --output: evaluation.csv (one row per checkpoint x shift level), samples.parquet (every
 sample with its KL and rewards), evaluate_config.yaml.  `evaluate(cfg)` returns the same dataframe.
@@ -57,7 +57,6 @@ RESULT_COLUMNS = (
     "trial_id", "checkpoint", "shift", "level", "spec", "reward", "kl", "kl_mc", "pair_accuracy",
     "pair_ties", "margin", "dpo_loss", "n_pairs", "n_prompts", "n_samples", "val_reward", "val_kl", "val_n_prompts",
 )
-NO_SHIFT = "none"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,8 +134,7 @@ def parse_checkpoints(items: Sequence[str]) -> list[tuple[str, str]]:
         if not Path(path).is_dir():
             raise UserError(f"checkpoint '{path}' is not a directory")
         out.append((name, path))
-    seen = collections.Counter(n for n, _ in out)
-    dup = [n for n, c in seen.items() if c > 1]
+    dup = [n for n, c in collections.Counter(n for n, _ in out).items() if c > 1]
     if dup:
         raise UserError(f"two checkpoints share the trial id '{dup[0]}'; name them with --checkpoint NAME=PATH")
     return out
@@ -149,7 +147,7 @@ def build_grid(specs: Sequence[str], world_components: Optional[tuple[str, str]]
     relabelled pairs and the scored samples use the same alpha r1 + (1 - alpha) r2.
     """
     if not specs:
-        return [(NO_SHIFT, 0.0, "")]
+        return [("none", 0.0, "")]
     levels = []
     for spec in specs:
         if spec.strip().startswith("mixture") and world_components and "r1=" not in spec:
@@ -163,29 +161,16 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i: i + size] for i in range(0, len(items), size)]
 
 
-def _gpu_actors(cfg: EvaluateConfig) -> bool:
-    if cfg.use_gpu != "auto":
-        return cfg.use_gpu == "true"
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) >= 1
-
-
 # [2] Metrics: pure functions ---------------------------------------------------------------------
 
 
 def pair_metrics(policy_chosen: np.ndarray, policy_rejected: np.ndarray, reference_chosen: np.ndarray,
                  reference_rejected: np.ndarray, beta: float) -> dict[str, float]:
-    """Implicit metrics of N pairs under their current labels (all inputs (N,) summed log-probs).
-
-    Computed in float64 with the pieces of robust_objectives' `dpo` objective (its log-ratios,
-    per-pair loss and rewards/accuracy_delta), not a second definition.
-
-    Returns:
-        pair_accuracy: mean 1[Delta_w > Delta_l]; pair_ties: mean 1[Delta_w == Delta_l];
-        margin: mean(Delta_w - Delta_l) in nats; dpo_loss: mean -log sigmoid(beta (Delta_w - Delta_l));
-        n_pairs.  NaN metrics (and n_pairs 0) when N = 0.
-    """
+    """Implicit metrics of N pairs under their current labels (inputs: (N,) summed log-probs), in
+    float64 with the pieces of robust_objectives' `dpo` (log-ratios, per-pair loss,
+    rewards/accuracy_delta), not a second definition: pair_accuracy = mean 1[Delta_w > Delta_l],
+    pair_ties = mean 1[Delta_w == Delta_l], margin = mean(Delta_w - Delta_l) in nats, dpo_loss =
+    mean -log sigmoid(beta (Delta_w - Delta_l)), n_pairs.  NaN metrics (n_pairs 0) when N = 0."""
     inputs = PreferenceLogps(*(torch.as_tensor(np.asarray(x, dtype=np.float64)) for x in (
         policy_chosen, policy_rejected, reference_chosen, reference_rejected)))
     n_pairs = int(inputs.policy_chosen_logps.shape[0])
@@ -212,33 +197,22 @@ def validation_prompts(prompts: Sequence[str], fraction: float) -> set[str]:
 
 
 def weighted_prompt_metrics(level_prompts: Sequence[str], per_prompt: pd.DataFrame, columns: Sequence[str]) -> dict:
-    """Average per-prompt sample means over a level's rows.
+    """Average per-prompt sample means (`per_prompt`: index = prompt text, one column per metric) over
+    a level's rows (`level_prompts`: the prompt of every row of the shifted split; repeats count).
 
-    Args:
-        level_prompts: the prompt text of every row of the shifted split (repeats count).
-        per_prompt: index = prompt text, one column per metric (mean over that prompt's samples).
-        columns: metrics to average.
-
-    Returns:
-        {column: sum_rows mean(prompt of row) / #rows with a sampled prompt}, plus n_prompts (distinct
-        sampled prompts among the rows); NaN when no row's prompt was sampled.
+    Returns {column: sum_rows mean(prompt of row) / #rows with a sampled prompt} (NaN when no row's
+    prompt was sampled), plus n_prompts, the distinct sampled prompts among the rows.
     """
     counts = collections.Counter(p for p in level_prompts if p in per_prompt.index)
     total = sum(counts.values())
     out: dict[str, Any] = {"n_prompts": len(counts)}
     for column in columns:
-        if total == 0:
-            out[column] = float("nan")
-            continue
-        out[column] = float(sum(n * per_prompt.at[p, column] for p, n in counts.items()) / total)
+        weighted = sum(n * per_prompt.at[p, column] for p, n in counts.items())
+        out[column] = float(weighted / total) if total else float("nan")
     return out
 
 
 # [3] The stage -----------------------------------------------------------------------------------
-
-
-def _log(message: str) -> None:
-    say("evaluate", message)
 
 
 def _check_inputs(cfg: EvaluateConfig) -> tuple[list[tuple[str, str]], dict]:
@@ -257,18 +231,15 @@ def _check_inputs(cfg: EvaluateConfig) -> tuple[list[tuple[str, str]], dict]:
 
 def reward_columns(levels: Sequence[tuple[str, float, str]], with_reward: bool) -> tuple[dict, dict]:
     """Which reward each level reads: the configured one, or the world mixture at the level's alpha.
-
-    Returns:
-        keys: sample column -> None (configured reward) or (alpha, form, r1, r2).
-        by_level: (shift, spec) -> sample column.
-    """
-    keys: dict[str, Optional[tuple]] = {"reward_base": None}
+    Returns keys (sample column -> None = the configured reward, or the mixture's `score` keyword
+    arguments) and by_level ((shift, spec) -> sample column)."""
+    keys: dict[str, Optional[dict]] = {"reward_base": None}
     by_level = {}
     for i, (name, _, text) in enumerate(levels):
         by_level[(name, text)] = "reward_base"
         if name == "mixture" and with_reward:
             p = shifts.parse_shift(text).params
-            keys[f"reward_{i}"] = (p["alpha"], p["form"], p["r1"], p["r2"])
+            keys[f"reward_{i}"] = {"alpha": p["alpha"], "form": p["form"], "components": (p["r1"], p["r2"])}
             by_level[(name, text)] = f"reward_{i}"
     return keys, by_level
 
@@ -277,7 +248,7 @@ def compute_pair_logps(ds, models: list[tuple[str, str]], cfg: EvaluateConfig, g
     """[a] Add `<prefix>_chosen_logps` / `<prefix>_rejected_logps` (float64) for every (prefix, model
     path), with the reference stage's actor: one concatenated forward per `cfg.batch_size` pairs."""
     for chunk in _chunks(models, cfg.models_per_actor):
-        _log(f"log-probs of the eval pairs under {len(chunk)} model(s): {', '.join(p for p, _ in chunk)}")
+        say("evaluate", f"log-probs of the eval pairs under {len(chunk)} model(s): {', '.join(p for p, _ in chunk)}")
         ds = ds.map_batches(model_lib.PairLogps,
                             fn_constructor_kwargs={"models": chunk, "batch_size": cfg.batch_size, "use_gpu": gpu},
                             batch_size=cfg.batch_size, batch_format="pyarrow",
@@ -288,7 +259,7 @@ def compute_pair_logps(ds, models: list[tuple[str, str]], cfg: EvaluateConfig, g
 def shift_pair_rows(ds, levels, columns: list[str], seed: int) -> dict[tuple[str, str], pd.DataFrame]:
     """[b] Each level's rows (shift applied to the rows carrying the log-probs), `columns` only."""
     out = {}
-    _log(f"{len(levels)} shift level(s): {', '.join(sorted({name for name, _, _ in levels}))}")
+    say("evaluate", f"{len(levels)} shift level(s): {', '.join(sorted({name for name, _, _ in levels}))}")
     for name, _, text in levels:
         shifted = shifts.apply_shifts(ds, [text], seed=seed) if text else ds
         out[(name, text)] = shifted.select_columns(columns).to_pandas()
@@ -310,7 +281,7 @@ def sample_checkpoints(ds, checkpoints, cfg: EvaluateConfig, gpu: bool, tokenize
                   "prompt_input_ids": [int(t) for t in row.prompt_input_ids]}
                  for m in range(len(chunk)) for i, row in enumerate(prompt_table.itertuples(index=False))
                  for j in range(n)]
-        _log(f"sampling {len(prompt_table)} prompts x {n} from {', '.join(t for t, _ in chunk)}")
+        say("evaluate", f"sampling {len(prompt_table)} prompts x {n} from {', '.join(t for t, _ in chunk)}")
         gen = ray.data.from_items(items).map_batches(
             SampleResponses, batch_size=cfg.generation.batch_size,
             fn_constructor_kwargs={"policies": [path for _, path in chunk], "reference_path": cfg.reference,
@@ -330,14 +301,13 @@ def sample_checkpoints(ds, checkpoints, cfg: EvaluateConfig, gpu: bool, tokenize
 def summarise_levels(checkpoints, levels, level_rows, samples: Optional[pd.DataFrame], level_reward: dict,
                      beta: float) -> pd.DataFrame:
     """[d] One row per checkpoint x level (RESULT_COLUMNS): generative metrics on the test prompts, and
-    on the validation prompts (val_*) when `samples` has a `prompt_set` column naming some."""
+    on the validation prompts (val_*) when the samples' `prompt_set` names some."""
     rows = []
     for i, (trial_id, path) in enumerate(checkpoints):
-        mine = per_prompt = val_prompt = None
         if samples is not None:
             mine = samples[samples["trial_id"] == trial_id]
             metric_cols = ["kl", "kl_mc"] + [c for c in mine.columns if c.startswith("reward_")]
-            held_out = mine["prompt_set"] == "validation" if "prompt_set" in mine else np.zeros(len(mine), bool)
+            held_out = mine["prompt_set"] == "validation"
             per_prompt = mine[~held_out].groupby("prompt")[metric_cols].mean()
             val_prompt = mine[held_out].groupby("prompt")[metric_cols].mean() if held_out.any() else None
             mine = mine[~held_out]
@@ -346,7 +316,7 @@ def summarise_levels(checkpoints, levels, level_rows, samples: Optional[pd.DataF
             row = {"trial_id": trial_id, "checkpoint": path, "shift": name, "level": level, "spec": text}
             row |= pair_metrics(table[f"ckpt{i}_chosen_logps"], table[f"ckpt{i}_rejected_logps"],
                                 table["ref_chosen_logps"], table["ref_rejected_logps"], beta)
-            if per_prompt is not None:
+            if samples is not None:
                 key = level_reward[(name, text)]
                 cols = ["kl", "kl_mc"] + ([key] if key in per_prompt.columns else [])
                 gen = weighted_prompt_metrics(table["prompt"], per_prompt, cols)
@@ -374,7 +344,7 @@ def evaluate(cfg: EvaluateConfig) -> pd.DataFrame:
     reward = RewardFunction(cfg.reward) if cfg.reward and cfg.generation.enabled else None  # fail fast
     world_components = tuple(reward.world.spec["mixture"]["rewards"]) if reward and reward.world else None
     levels = build_grid(cfg.grid, world_components)
-    if reward is not None and not reward.supports_mixture and any(name == "mixture" for name, _, _ in levels):
+    if reward is not None and reward.world is None and any(name == "mixture" for name, _, _ in levels):
         raise UserError(f"reward '{cfg.reward}' cannot score the mixture shift (its levels are the world's "
                         "mixture alpha r1 + (1 - alpha) r2): use --reward world:DIR or generation.enabled=false")
     reward_keys, level_reward = reward_columns(levels, reward is not None)
@@ -386,7 +356,7 @@ def evaluate(cfg: EvaluateConfig) -> pd.DataFrame:
 
     with timings.phase("Ray session"):
         ensure_ray()
-    gpu = _gpu_actors(cfg)
+    gpu = cfg.use_gpu == "true" or (cfg.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     # A checkpoint that is the reference itself (run's baseline row) reuses the reference's columns.
     same = {i for i, (_, path) in enumerate(checkpoints) if Path(path).resolve() == Path(cfg.reference).resolve()}
     models = [("ref", cfg.reference)] + [(f"ckpt{i}", path) for i, (_, path) in enumerate(checkpoints)
@@ -417,7 +387,7 @@ def evaluate(cfg: EvaluateConfig) -> pd.DataFrame:
         with atomic_path(out_dir / "evaluation.csv") as tmp:
             result.to_csv(tmp, index=False)
     timings.write(out_dir)
-    _log(f"wrote {out_dir / 'evaluation.csv'} ({len(result)} rows)")
+    say("evaluate", f"wrote {out_dir / 'evaluation.csv'} ({len(result)} rows)")
     return result
 
 

@@ -50,15 +50,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
 
 
 def exact_token_kl(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the last axis from log-probs: sum_v p_v (log p_v - log q_v); 0 * log 0 := 0.
-
-    Args:
-        policy_logps: (..., V) log-softmax of the policy.
-        reference_logps: (..., V) log-softmax of the reference.
-
-    Returns:
-        (...,) KL in nats (inf where q_v = 0 < p_v).
-    """
+    """KL(p || q) in nats over the last axis of (..., V) log-softmaxes: sum_v p_v (log p_v - log q_v),
+    with 0 * log 0 := 0 (inf where q_v = 0 < p_v)."""
     p = policy_logps.exp()
     terms = torch.where(p > 0, p * (policy_logps - reference_logps), torch.zeros_like(p))
     return terms.sum(dim=-1)
@@ -70,24 +63,15 @@ def _step(model, ids, mask, positions, cache):
 
 
 @torch.no_grad()
-def sample_with_kl(
-    policy,
-    reference,
-    prompts: Sequence[Sequence[int]],
-    uniforms: np.ndarray,
-    *,
-    eos_token_id: int | None,
-    pad_token_id: int,
-) -> dict[str, np.ndarray]:
-    """Sample one response per prompt row and score its KL to the reference along the way.
+def sample_with_kl(policy, reference, prompts: Sequence[Sequence[int]], uniforms: np.ndarray, *,
+                   eos_token_id: int | None, pad_token_id: int) -> dict[str, np.ndarray]:
+    """Sample one response per prompt row (N token-id lists; repeat a prompt for several samples)
+    from the policy and score its KL to the reference (causal LMs over one vocabulary) on the way.
 
     Both models run step by step on the same prefixes (with KV caches), so each step's two
     next-token distributions give the exact per-token KL at the state actually visited.
 
     Args:
-        policy: causal LM (HF interface: input_ids, attention_mask, position_ids, past_key_values).
-        reference: causal LM over the same vocabulary.
-        prompts: N token-id lists (repeat a prompt for several samples).
         uniforms: (N, max_new_tokens) uniforms from `sample_uniforms`; its width is the length cap.
         eos_token_id: stops a row once sampled (counted as a response token); None = never stop.
         pad_token_id: filler for left padding and finished rows (masked out of every sum).
@@ -157,8 +141,8 @@ class SampleResponses:
 
     Rows carry `model_index` (into `policies`), `prompt_index`, `sample_index`, `prompt` and
     `prompt_input_ids`; every policy of the chunk is loaded once per actor.  With a `reward`, each
-    sample also gets one column per entry of `reward_keys`: None = the configured reward,
-    (alpha, form, r1, r2) = the world's mixture at alpha (the mixture shift's levels).
+    sample also gets one column per entry of `reward_keys`: None = the configured reward, else the
+    `RewardFunction.score` keywords (alpha, form, components) of the world's mixture at alpha.
     """
 
     def __init__(self, *, policies: list[str], reference_path: str, tokenizer_path: str, max_new_tokens: int,
@@ -196,10 +180,6 @@ class SampleResponses:
                                                            skip_special_tokens=True)
         if self.reward is not None:
             prompts, responses = list(batch["prompt"]), list(out["response"])
-            for column, key in self.reward_keys.items():
-                if key is None:
-                    out[column] = self.reward.score(prompts, responses)
-                else:
-                    alpha, form, r1, r2 = key
-                    out[column] = self.reward.score(prompts, responses, alpha=alpha, form=form, components=(r1, r2))
+            for column, mixture in self.reward_keys.items():
+                out[column] = self.reward.score(prompts, responses, **(mixture or {}))
         return {k: batch[k] for k in ("model_index", "prompt_index", "sample_index", "prompt")} | out

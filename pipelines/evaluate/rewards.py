@@ -28,21 +28,14 @@ from pipelines import model as model_lib
 from pipelines.errors import UserError
 
 _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+HF_BATCH_SIZE = 32  # texts per reward-model forward
 
 
 @dataclass(frozen=True)
 class RewardSpec:
-    """A parsed reward spec.
-
-    Attributes:
-        kind: "world", "hf" or "function".
-        target: the world dir, the model path, or "module:function".
-        name: the world reward name; "" = the world's training mixture.
-    """
-
-    kind: str
-    target: str
-    name: str = ""
+    kind: str  # "world", "hf" or "function"
+    target: str  # the world dir, the model path, or "module:function"
+    name: str = ""  # the world reward name; "" = the world's training mixture
 
 
 def parse_reward_spec(spec: str) -> RewardSpec:
@@ -60,30 +53,16 @@ def parse_reward_spec(spec: str) -> RewardSpec:
         return RewardSpec("hf", spec)
     if _FUNCTION.match(spec):
         return RewardSpec("function", spec)
-    raise UserError(
-        f"reward '{spec}' is not world:DIR[:NAME], hf:PATH (or an existing model dir), nor module:function"
-    )
-
-
-def world_training_alpha(world) -> float:
-    """The mixture alpha the world's training labels come from (world.json config.alpha_train)."""
-    config = world.spec.get("config", {})
-    if "alpha_train" not in config:
-        raise UserError("world.json has no config.alpha_train; name a reward: world:DIR:NAME")
-    return float(config["alpha_train"])
+    raise UserError(f"reward '{spec}' is not world:DIR[:NAME], hf:PATH (or an existing model dir), nor module:function")
 
 
 class RewardFunction:
-    """A loaded reward: `score(prompts, responses, alpha=None, form="convex") -> (N,) float64`.
+    """A loaded reward: `score(prompts, responses) -> (N,) float64`.  Construct once per actor (HF
+    models and worlds load here); `world` is the loaded world of a world reward, else None."""
 
-    `alpha` (world rewards only) scores the world's r1/r2 mixture at that level instead of the
-    configured reward.  Construct once per actor (HF models and worlds load here).
-    """
-
-    def __init__(self, spec: str, device: str = "cpu", batch_size: int = 32):
+    def __init__(self, spec: str, device: str = "cpu"):
         self.spec = parse_reward_spec(spec)
         self.device = device
-        self.batch_size = batch_size
         self.world = None
         self._fn: Optional[Callable] = None
         if self.spec.kind == "world":
@@ -91,10 +70,8 @@ class RewardFunction:
 
             self.world = load_world(self.spec.target)
             if self.spec.name and self.spec.name not in self.world.reward_names:
-                raise UserError(
-                    f"reward '{spec}': the world has no reward '{self.spec.name}'; valid: "
-                    f"{', '.join(self.world.reward_names)}"
-                )
+                raise UserError(f"reward '{spec}': the world has no reward '{self.spec.name}'; valid: "
+                                f"{', '.join(self.world.reward_names)}")
         elif self.spec.kind == "hf":
             self._load_hf(self.spec.target)
         else:
@@ -108,10 +85,6 @@ class RewardFunction:
                 raise UserError(f"reward '{spec}': module '{module_name}' has no function '{attr}'")
             self._fn = fn
 
-    @property
-    def supports_mixture(self) -> bool:
-        return self.world is not None
-
     def _load_hf(self, path: str) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -124,78 +97,59 @@ class RewardFunction:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
-    def _hf_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
-        if getattr(self.tokenizer, "chat_template", None):
-            return [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
-                )
-                for p, r in zip(prompts, responses)
-            ]
-        return [f"{p} {r}" for p, r in zip(prompts, responses)]
-
     def _score_hf(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         import torch
 
-        texts = self._hf_texts(prompts, responses)
+        if getattr(self.tokenizer, "chat_template", None):
+            texts = [self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False)
+                for p, r in zip(prompts, responses)]
+        else:
+            texts = [f"{p} {r}" for p, r in zip(prompts, responses)]
         scores = []
         with torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[start: start + self.batch_size], return_tensors="pt", padding=True,
+            for start in range(0, len(texts), HF_BATCH_SIZE):
+                enc = self.tokenizer(texts[start: start + HF_BATCH_SIZE], return_tensors="pt", padding=True,
                                      truncation=True).to(self.device)
                 scores.append(self.model(**enc).logits[:, 0].float().cpu().numpy())
         return np.concatenate(scores) if scores else np.zeros(0)
 
-    def score(
-        self,
-        prompts: Sequence[str],
-        responses: Sequence[str],
-        alpha: Optional[float] = None,
-        form: str = "convex",
-        components: Optional[tuple[Optional[str], Optional[str]]] = None,
-    ) -> np.ndarray:
-        """(N,) float64 rewards of each (prompt, response).
+    def score(self, prompts: Sequence[str], responses: Sequence[str], alpha: Optional[float] = None,
+              form: str = "convex", components: Optional[tuple[Optional[str], Optional[str]]] = None) -> np.ndarray:
+        """(N,) float64 rewards of N (prompt, response) texts.
 
-        Args:
-            prompts, responses: N texts each.
-            alpha: score the world's mixture at alpha instead of the configured reward.
-            form: "convex" (alpha r1 + (1 - alpha) r2) or "geometric" (r1^alpha r2^(1 - alpha)).
-            components: the world rewards (r1, r2) to mix; None = the world's mixture components.
+        With `alpha` (world rewards only), the world's mixture at alpha of `components` (r1, r2;
+        None = the world's mixture components) instead of the configured reward: "convex" form
+        alpha r1 + (1 - alpha) r2, "geometric" r1^alpha r2^(1 - alpha).
         """
         prompts, responses = list(prompts), list(responses)
         if alpha is not None:
             if self.world is None:
-                raise UserError(
-                    f"reward '{self.spec.kind}:{self.spec.target}' cannot score the mixture shift: the mixture "
-                    "alpha r1 + (1 - alpha) r2 is the world's; pass --reward world:DIR"
-                )
+                raise UserError(f"reward '{self.spec.kind}:{self.spec.target}' cannot score the mixture shift: the "
+                                "mixture alpha r1 + (1 - alpha) r2 is the world's; pass --reward world:DIR")
             values = self.world.mixture_reward(float(alpha), prompts, responses, form, components=components)
-        elif self.world is not None:
-            if self.spec.name:
-                values = self.world.reward(self.spec.name, prompts, responses)
-            else:
-                values = self.world.mixture_reward(world_training_alpha(self.world), prompts, responses)
+        elif self.world is not None and self.spec.name:
+            values = self.world.reward(self.spec.name, prompts, responses)
+        elif self.world is not None:  # the training mixture, at the alpha the world's labels come from
+            config = self.world.spec.get("config", {})
+            if "alpha_train" not in config:
+                raise UserError("world.json has no config.alpha_train; name a reward: world:DIR:NAME")
+            values = self.world.mixture_reward(float(config["alpha_train"]), prompts, responses)
         elif self._fn is not None:
             values = self._fn(prompts, responses)
         else:
             values = self._score_hf(prompts, responses)
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         if values.shape != (len(prompts),):
-            raise UserError(
-                f"reward '{self.spec.target}' returned {values.shape[0]} scores for {len(prompts)} responses"
-            )
+            raise UserError(f"reward '{self.spec.target}' returned {values.shape[0]} scores for {len(prompts)} "
+                            "responses")
         bad = np.flatnonzero(~np.isfinite(values))
         if len(bad):
-            raise UserError(
-                f"reward '{self.spec.target}' returned a non-finite score ({values[bad[0]]}) for response "
-                f"{bad[0]}: {json.dumps(responses[bad[0]])[:80]}"
-            )
+            raise UserError(f"reward '{self.spec.target}' returned a non-finite score ({values[bad[0]]}) for response "
+                            f"{bad[0]}: {json.dumps(responses[bad[0]])[:80]}")
         return values
 
 
 def word_count(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
     """An example `module:function` reward (`pipelines.evaluate.rewards:word_count`): words per response."""
     return [float(len(r.split())) for r in responses]
-
-
-__all__ = ["RewardFunction", "RewardSpec", "parse_reward_spec", "word_count", "world_training_alpha"]

@@ -1,8 +1,5 @@
 """Stage 4 (train): one objective on Ray Train's TorchTrainer, on CPU or GPUs, resumable.
 
-    robust-dpo synth --output worlds/default
-    robust-dpo data --dataset worlds/default/data --tokenizer worlds/default/tokenizer \
-        --output worlds/default/tokenized
     robust-dpo train --output runs/dpo model.path=worlds/default/reference_model \
         data.path=worlds/default/tokenized objective.name=dpo objective.beta=0.1 \
         train.num_workers=2 train.max_steps=20
@@ -15,17 +12,12 @@ Writes DIR/config.yaml (resolved config), DIR/metrics.csv (one row per report), 
 (Ray Train storage: checkpoint_<step>/, the latest train.keep_checkpoints kept) and
 DIR/final_model/ (HF model dir, LoRA merged, + tokenizer; load with from_pretrained).
 
-Layers (RAY_NOTES.md 5.1-5.3, STYLE.md G7): `loop.train_fn_per_worker(loop_config)` is the per-worker
-loop; `build_trainer(...)` builds the TorchTrainer (Tune's driver function passes
-TuneReportCallback); `train(cfg)` validates, fits and collects the outputs.
-
-- Data (batches.py): every worker streams the same seeded global batches and keeps its slice,
-  so step s sees the same pairs for any worker count and a restart skips exactly s batches.
-- Step (step.py): gradients averaged over workers; batch-coupled objectives see the whole
-  optimizer step (all workers, all accumulation micro-steps) through `gather`.
-- Metrics: all-reduced before ray.train.report; every report carries a checkpoint, and the
-  metrics history rides in it (state.py), so DIR/metrics.csv survives restarts.
-- WDPO: eager attention (fused SDPA has no double backward), inputs_embeds kept in the graph.
+Layers (RAY_NOTES.md 5.1-5.3, STYLE.md G7): `train(cfg)` validates, builds the TorchTrainer
+(`build_trainer`; Tune's driver function adds TuneReportCallback), fits and collects the outputs;
+`loop.train_fn_per_worker` is the per-worker loop.  Every worker streams the same seeded global
+batches and keeps its slice (batches.py: step s sees the same pairs for any worker count); gradients
+and metrics are averaged over workers (step.py); every report carries a checkpoint with the metrics
+history (state.py), so DIR/metrics.csv survives restarts.
 """
 
 from __future__ import annotations
@@ -51,6 +43,7 @@ from pipelines.schema import CALIBRATION_COLUMNS
 from pipelines.train import config as tc
 from pipelines.train.config import TrainConfig, train_config_to_dict
 from pipelines.train.loop import FAIL_ENV, RunPlan, train_fn_per_worker
+
 CHECKPOINTS = "checkpoints"  # RunConfig name: DIR/checkpoints is the Ray Train run folder
 LEADING_COLUMNS = ("step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                    "rewards/margins", "logps/chosen", "logps/rejected", "tokens_per_s", "padding_fraction",
@@ -65,13 +58,12 @@ class TrainResult:
     final_model_path: Path | None
     metrics: dict[str, Any]  # the last report
     metrics_dataframe: Any  # pandas DataFrame, one row per report
-    checkpoint_path: Path | None
 
 
 # [2] Driver: validate, build the TorchTrainer, collect the outputs ------------------------------
 
 
-def _read_columns(info: tc.DatasetInfo, cfg: TrainConfig, columns: Sequence[str]) -> list[str]:
+def _read_columns(info: tc.DatasetInfo, cfg: TrainConfig) -> list[str]:
     """The columns training reads: tokens, the reference's log-probs (precomputed mode) and every
     calibration column (a sweep's trials share one read and pick theirs: `_calibration_column`)."""
     if info.format == "listwise":
@@ -80,7 +72,7 @@ def _read_columns(info: tc.DatasetInfo, cfg: TrainConfig, columns: Sequence[str]
         wanted = list(schema.PAIR_TOKEN_COLUMNS) + [*CALIBRATION_COLUMNS, *schema.REFERENCE_PAIR_COLUMNS]
     if cfg.reference.mode == "live":
         wanted = [c for c in wanted if not c.startswith("reference_")]
-    return [c for c in wanted if c in columns]
+    return [c for c in wanted if c in info.columns]
 
 
 def _calibration_column(table, cfg: TrainConfig):
@@ -119,20 +111,6 @@ def _check_resumable(cfg: TrainConfig, output_dir: Path) -> None:
             )
 
 
-def _plan(cfg: TrainConfig, info: tc.DatasetInfo, output_dir: Path) -> RunPlan:
-    fail_at = os.environ.get(FAIL_ENV, "").strip()
-    if fail_at and not fail_at.isdigit():
-        raise UserError(f"{FAIL_ENV}={fail_at!r} must be a step number")
-    return RunPlan(
-        total_steps=tc.total_steps(cfg, info),
-        steps_per_epoch=info.train_rows // cfg.train.batch_size,
-        listwise=info.format == "listwise",
-        has_eval=info.eval_split is not None,
-        fail_at_step=int(fail_at or 0),
-        fail_marker=str(output_dir / f".fault_injected_at_step_{fail_at or 0}"),
-    )
-
-
 def prepare_run(cfg: TrainConfig, output_dir: str | Path) -> tuple[tc.DatasetInfo, RunPlan, Path]:
     """Every input check (UserError, exit 2) before Ray starts a worker; precompute the reference
     when reference.mode=precomputed.  Returns (dataset info, plan, resolved data path)."""
@@ -146,12 +124,18 @@ def prepare_run(cfg: TrainConfig, output_dir: str | Path) -> tuple[tc.DatasetInf
 
         data_path = reference_lib.compute_reference_dataset(reference_stage_config(cfg))
         info = dataclasses.replace(info, columns=tc.count_split(data_path / cfg.data.train_split)[1])
-    return info, _plan(cfg, info, output_dir), data_path
+    fail_at = os.environ.get(FAIL_ENV, "").strip()
+    if fail_at and not fail_at.isdigit():
+        raise UserError(f"{FAIL_ENV}={fail_at!r} must be a step number")
+    plan = RunPlan(total_steps=tc.total_steps(cfg, info), steps_per_epoch=info.steps_per_epoch,
+                   listwise=info.format == "listwise", has_eval=info.eval_split is not None,
+                   fail_at_step=int(fail_at or 0),
+                   fail_marker=str(output_dir / f".fault_injected_at_step_{fail_at or 0}"))
+    return info, plan, data_path
 
 
 def reference_stage_config(cfg: TrainConfig):
-    """The reference stage's config for reference.mode=precomputed: the run's model, data, precision,
-    attention kernel and GPU use, and its reference.* cache and pool settings."""
+    """The reference stage's config for reference.mode=precomputed (the run's own model, data, kernel)."""
     from pipelines.reference import ReferenceCacheConfig
 
     return ReferenceCacheConfig(
@@ -161,23 +145,19 @@ def reference_stage_config(cfg: TrainConfig):
     )
 
 
-def read_split(data_path: str | Path, split: str, columns: Sequence[str] | None = None):
+def read_split(data_path: str | Path, split: str, columns: Sequence[str]):
     """One split of a `robust-dpo data` dataset as one Arrow table, its files in sorted order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tables = [pq.read_table(f, columns=list(columns) if columns is not None else None)
-              for f in schema.split_files(data_path, split)]
-    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    return pa.concat_tables([pq.read_table(f, columns=list(columns)) for f in schema.split_files(data_path, split)])
 
 
 def read_training_tables(cfg: TrainConfig) -> dict[str, Any]:
-    """The splits `train(cfg)` reads (train, and eval when it has one), as `tables` for `train`: a
-    sweep reads them once and hands them to every trial (reference.mode=live; the columns the
-    objective reads only)."""
+    """The splits `train(cfg)` reads, as its `tables` argument: a sweep (reference.mode=live) reads
+    them once for every trial."""
     info = tc.inspect_dataset(cfg)
-    columns = _read_columns(info, cfg, info.columns)
-    return {split: read_split(cfg.data.path, split, columns) for split in _splits(cfg, info).values()}
+    return {split: read_split(cfg.data.path, split, _read_columns(info, cfg)) for split in _splits(cfg, info).values()}
 
 
 def _splits(cfg: TrainConfig, info: tc.DatasetInfo) -> dict[str, str]:
@@ -188,12 +168,10 @@ def _splits(cfg: TrainConfig, info: tc.DatasetInfo) -> dict[str, str]:
 def build_trainer(cfg: TrainConfig, output_dir: Path, info: tc.DatasetInfo, plan: RunPlan, data_path: Path,
                   timings: Any, callbacks: Sequence[Any] = (), progress: Any = None,
                   tables: Mapping[str, Any] | None = None):
-    """The TorchTrainer of a checked run (`prepare_run`), in `train`'s Ray session.  `timings` (the
-    stage's Timings) gets the data phase; `callbacks` go to RunConfig (Tune adds
-    TuneReportCallback); `progress` is a ray.util.queue.Queue rank 0 puts report rows on; `tables`
-    are splits already read (split name -> Arrow table, as `read_split` gives; a sweep reads them
-    once for all its trials).  Storage: `output_dir`/checkpoints, a fixed name, so rerunning with
-    the same output_dir resumes."""
+    """The TorchTrainer of a checked run (`prepare_run`), in `train`'s Ray session.  `progress` is a
+    ray.util.queue.Queue rank 0 puts report rows on; `tables` are splits already read (split name ->
+    Arrow table).  Storage: `output_dir`/checkpoints, a fixed name, so rerunning with the same
+    output_dir resumes."""
     import ray
     import ray.data
     import ray.train
@@ -202,7 +180,7 @@ def build_trainer(cfg: TrainConfig, output_dir: Path, info: tc.DatasetInfo, plan
     if cfg.train.use_gpu and not os.environ.get("RAY_ADDRESS") and ray.cluster_resources().get("GPU", 0) < 1:
         raise UserError("train.use_gpu=true but this Ray session has no GPU; set train.use_gpu=false")
     data_started = time.perf_counter()
-    columns = _read_columns(info, cfg, info.columns)
+    columns = _read_columns(info, cfg)
     datasets = {}
     for name, split in _splits(cfg, info).items():
         # Tokenised ids are small: the split goes into the object store once, as Arrow blocks, so
@@ -252,10 +230,8 @@ def write_metrics_csv(history: list[dict[str, Any]], path: Path):
     import pandas as pd
 
     frame = pd.DataFrame(history)
-    rest = sorted(c for c in frame.columns if c not in LEADING_COLUMNS)
-    ordered = [c for c in LEADING_COLUMNS if c in frame.columns]
-    ordered += [c for c in rest if not c.startswith("eval/")] + [c for c in rest if c.startswith("eval/")]
-    frame = frame[ordered] if len(frame.columns) else frame
+    rest = sorted((c for c in frame.columns if c not in LEADING_COLUMNS), key=lambda c: (c.startswith("eval/"), c))
+    frame = frame[[c for c in LEADING_COLUMNS if c in frame.columns] + rest]
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     return frame
@@ -263,7 +239,7 @@ def write_metrics_csv(history: list[dict[str, Any]], path: Path):
 
 def collect_outputs(output_dir: Path, checkpoint_dir: Path | None) -> TrainResult:
     """metrics.csv and final_model/ from the latest checkpoint (history survives restarts)."""
-    from pipelines.train import state as train_state
+    from pipelines.train import state as train_state  # torch: not for `train --help`
 
     history = train_state.read_train_state(checkpoint_dir)["history"] if checkpoint_dir else []
     frame = write_metrics_csv(history, output_dir / "metrics.csv")
@@ -274,31 +250,24 @@ def collect_outputs(output_dir: Path, checkpoint_dir: Path | None) -> TrainResul
             shutil.rmtree(final)
         shutil.copytree(checkpoint_dir / train_state.FINAL_MODEL_DIR, final)
     return TrainResult(output_dir=output_dir, final_model_path=final, metrics=history[-1] if history else {},
-                       metrics_dataframe=frame, checkpoint_path=checkpoint_dir)
+                       metrics_dataframe=frame)
 
 
 def train(cfg: TrainConfig, output_dir: str | Path | None = None, callbacks: Sequence[Any] = (),
           show_progress: bool = False, tables: Mapping[str, Any] | None = None) -> TrainResult:
     """Validate, fit (or resume, or notice the run is complete), write metrics.csv and final_model/.
 
-    Args:
-        cfg: the stage config; `output_dir` defaults to cfg.output.
-        callbacks: ray.train.UserCallbacks for RunConfig (Tune passes TuneReportCallback).
-        show_progress: print a progress line per report (the CLI; Tune reports trials itself).
-        tables: splits of cfg.data.path already read (`read_split`), used instead of reading them
-            (not with reference.mode=precomputed, whose splits carry the reference columns).
-
-    Raises:
-        UserError: bad input (before any worker starts).
-        RuntimeError: training failed after train.max_failures restarts (metrics.csv is still
-            written from the latest checkpoint).
+    `output_dir` defaults to cfg.output; `callbacks` go to RunConfig (Tune passes TuneReportCallback);
+    `tables` (`read_training_tables`) are ignored with reference.mode=precomputed, whose splits carry
+    the reference columns.  Raises UserError on bad input (before any worker starts), RuntimeError
+    when training failed after train.max_failures restarts (metrics.csv is still written).
     """
     from pipelines.timings import Timings
     from pipelines.train import state as train_state
 
     timings = Timings("train")
     output_dir = Path(output_dir or cfg.output or "")
-    if not str(output_dir) or str(output_dir) == ".":
+    if str(output_dir) == ".":  # Path("") is "." too
         raise UserError("the train stage needs an output directory (--output DIR)")
     output_dir = output_dir.resolve()
     cfg = dataclasses.replace(cfg, output=str(output_dir))
@@ -307,12 +276,10 @@ def train(cfg: TrainConfig, output_dir: str | Path | None = None, callbacks: Seq
     output_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, output_dir / "config.yaml")
     latest = train_state.find_latest_checkpoint(output_dir / CHECKPOINTS)
-    if latest is not None and train_state.read_train_state(latest)["step"] >= plan.total_steps and (
-        latest / train_state.FINAL_MODEL_DIR
-    ).is_dir():
+    start_step = train_state.read_train_state(latest)["step"] if latest is not None else 0
+    if start_step >= plan.total_steps and (latest / train_state.FINAL_MODEL_DIR).is_dir():
         say("train", f"{output_dir} is already complete ({plan.total_steps} steps); nothing to do")
         return collect_outputs(output_dir, latest)
-    start_step = train_state.read_train_state(latest)["step"] if latest is not None else 0
     if start_step:
         say("train", f"resuming {output_dir} from step {start_step}/{plan.total_steps}")
     from pipelines.ray_session import ensure_ray
@@ -326,13 +293,10 @@ def train(cfg: TrainConfig, output_dir: str | Path | None = None, callbacks: Seq
         with timings.phase("progress channel"):
             queue = Queue()
         printer = threading.Thread(target=_print_progress, args=(queue, start_step, plan.total_steps), daemon=True)
-    if cfg.reference.mode == "precomputed":
-        tables = None
     trainer = build_trainer(cfg, output_dir, info, plan, data_path, timings, callbacks=callbacks, progress=queue,
-                            tables=tables)
+                            tables=tables if cfg.reference.mode == "live" else None)
     if printer is not None:
         printer.start()
-    error = None
     fit_started = time.time()
     try:
         result = trainer.fit()
@@ -386,8 +350,6 @@ def write_error(output_dir: Path, error: BaseException) -> Path:
 
 def _print_progress(queue, start_step: int, total: int) -> None:
     """Driver thread: one progress update per report row that rank 0 puts on `queue` (None ends)."""
-    from pipelines.train.loop import progress_note
-
     done = start_step
     with Progress("train", "steps", total) as bar:
         if start_step:
@@ -397,8 +359,16 @@ def _print_progress(queue, start_step: int, total: int) -> None:
             if row is None:
                 return
             step = int(row["step"])
-            bar.update(max(0, step - done), postfix=progress_note(row))
+            bar.update(max(0, step - done), postfix=_progress_note(row))
             done = step
+
+
+def _progress_note(row: dict[str, float]) -> str:
+    parts = [f"loss {row['loss']:.4f}", f"acc {row['rewards/accuracies']:.3f}", f"margin {row['rewards/margins']:.4f}",
+             f"tokens/s {row['tokens_per_s']:.0f}"]
+    if "eval/loss" in row:
+        parts += [f"eval/loss {row['eval/loss']:.4f}", f"eval/acc {row['eval/accuracy']:.3f}"]
+    return " | ".join(parts)
 
 
 # [3] CLI ----------------------------------------------------------------------------------------

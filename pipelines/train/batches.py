@@ -10,19 +10,16 @@ not used that epoch (drop_last), like a DistributedSampler with drop_last=True.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterator
 
 
 def split_global_batch(rows: dict[str, Any], *, rank: int, world_size: int, micro_batch_size: int) -> list[dict]:
     """This rank's micro-batches of one global batch: micro-step m takes rows
     [(m W + rank) b, (m W + rank + 1) b), so micro-step m of all W workers is one contiguous block."""
-    n = len(next(iter(rows.values())))
-    steps = n // (world_size * micro_batch_size)
-    out = []
-    for m in range(steps):
-        start = (m * world_size + rank) * micro_batch_size
-        out.append({k: v[start : start + micro_batch_size] for k, v in rows.items()})
-    return out
+    steps = len(next(iter(rows.values()))) // (world_size * micro_batch_size)
+    starts = [(m * world_size + rank) * micro_batch_size for m in range(steps)]
+    return [{k: v[start : start + micro_batch_size] for k, v in rows.items()} for start in starts]
 
 
 def iter_global_batches(iterator, *, batch_size: int, seed: int, epoch: int, shuffle_buffer: int,
@@ -33,9 +30,7 @@ def iter_global_batches(iterator, *, batch_size: int, seed: int, epoch: int, shu
         shuffle = {"local_shuffle_buffer_size": max(shuffle_buffer, batch_size),
                    "local_shuffle_seed": seed * 100_003 + epoch}
     batches = iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, **shuffle)
-    for index, batch in enumerate(batches):
-        if index >= skip:
-            yield batch
+    return itertools.islice(batches, skip, None)
 
 
 def iter_eval_micro_batches(iterator, *, rank: int, world_size: int, micro_batch_size: int,

@@ -3,12 +3,10 @@
 `config.load(TrainConfig, path, overrides, flags={"output": ...})` builds a `TrainConfig` from
 dataclass defaults <- YAML <- `key=value` overrides (STYLE.md G6); `build_train_config(values)` is
 the same from a mapping (the Ray boundary, tune's trials).  Ranges are checked in each section's
-`__post_init__`; `TrainConfig.__post_init__` runs `check_train_config`, the cross-section checks
-that need the objective registry.  The `objective` section is open-ended by design: its keys are
-`name` plus the hyperparameters of that objective, validated against
-`robust_objectives.objective_hyperparameters(name)`, so adding an objective touches no pipeline code
-(G8).  `inspect_dataset(cfg)` and `check_model(cfg)` validate the data and the model up front and
-raise `UserError` (exit 2) before Ray starts a worker.
+`__post_init__`, cross-section checks against the objective registry in `TrainConfig.__post_init__`.
+The `objective` section is open-ended by design: `name` plus that objective's hyperparameters,
+validated by `robust_objectives`, so adding an objective touches no pipeline code (G8).
+`inspect_dataset(cfg)` and `check_model(cfg)` raise `UserError` (exit 2) before Ray starts a worker.
 """
 
 from __future__ import annotations
@@ -22,29 +20,15 @@ from pipelines import config as config_lib
 from pipelines import schema
 from pipelines.errors import UserError
 from pipelines.paths import InputPath, ModelPath, OutputPath
-from pipelines.tracking import MlflowConfig, TrackingConfig, WandbConfig, check_names
+from pipelines.tracking import MlflowConfig, TrackedConfig, WandbConfig
 
 # Keys a rerun with the same --output may change without invalidating the checkpoints there:
 # they change how long or where the run goes, not what a step computes.
 RESUMABLE_CHANGES = (
-    "train.gradient_checkpointing",
-    "train.max_steps",
-    "train.epochs",
-    "train.max_failures",
-    "train.num_workers",
-    "train.use_gpu",
-    "train.cpus_per_worker",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.eval_every",
-    "reference.cache_dir",
-    "tracking",
-    "mlflow.tracking_uri",
-    "mlflow.experiment",
-    "wandb.project",
-    "wandb.entity",
-    "wandb.mode",
-    "wandb.dir",
+    "train.gradient_checkpointing", "train.max_steps", "train.epochs", "train.max_failures", "train.num_workers",
+    "train.use_gpu", "train.cpus_per_worker", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
+    "reference.cache_dir", "tracking", "mlflow.tracking_uri", "mlflow.experiment",
+    "wandb.project", "wandb.entity", "wandb.mode", "wandb.dir",
 )
 
 
@@ -138,7 +122,7 @@ class ReferenceConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(TrackedConfig):
     """The whole train stage: sections model, data, objective, train, lora, reference."""
 
     model: ModelConfig
@@ -153,31 +137,47 @@ class TrainConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
-        check_names(self.tracking)
-        check_train_config(self)
+        """Cross-section checks against the objective registry (ranges are the sections' own)."""
+        import robust_objectives as ro
 
-    def tracking_config(self) -> TrackingConfig:
-        return TrackingConfig(backends=list(self.tracking), mlflow=self.mlflow, wandb=self.wandb)
+        super().__post_init__()
+        t, name = self.train, self.objective.name
+        spec = ro.get_spec(name)
+        if self.reference.mode == "precomputed" and spec.token_level:
+            raise UserError(
+                f"objective {name!r} is token-level: it needs the reference's full-vocabulary distribution at "
+                "every response position, which is not stored by the precompute; use reference.mode=live"
+            )
+        attn = self.model.attn_implementation
+        if spec.needs_embeddings and attn not in ("auto", "eager"):
+            raise UserError(
+                f"objective {name!r} differentiates twice through attention; model.attn_implementation="
+                f"{attn!r} has no double backward, use 'eager' (or 'auto')"
+            )
+        if t.packing and not spec.needs_embeddings and attn not in ("auto", "sdpa", "eager"):
+            raise UserError(
+                f"train.packing=true needs model.attn_implementation sdpa or eager (packed rows take a 4D "
+                f"block mask); {attn!r} does not, set train.packing=false"
+            )
+        if spec.needs_embeddings and t.gradient_checkpointing:
+            raise UserError(
+                f"objective {name!r} differentiates twice through the model, which gradient checkpointing's "
+                "recomputation does not support; set train.gradient_checkpointing=false"
+            )
+        if spec.needs_embeddings and t.strategy == "fsdp":
+            raise UserError(
+                f"objective {name!r} needs a double backward through the input embeddings, which FSDP's "
+                "sharded parameters do not support here; use train.strategy=ddp"
+            )
 
 
 # [1] Building the config -------------------------------------------------------------------------
 
 
 def resolve_objective_config(values: Mapping[str, Any] | None) -> ObjectiveConfig:
-    """Build the objective section: `name` plus that objective's hyperparameters, strictly.
-
-    Args:
-        values: the user's `objective` mapping, e.g. {"name": "kldpo", "beta": 0.1, "tau": 0.5}.
-
-    Returns:
-        ObjectiveConfig with every hyperparameter resolved (defaults filled in, types coerced to
-        the default's type).
-
-    Raises:
-        UserError: missing or unknown name, a hyperparameter the objective does not take (the
-            message names the valid ones), or a value out of range. The registry makes the checks
-            (get_objective, validate_hyperparameters); this only re-words them with the key.
-    """
+    """The objective section from e.g. {"name": "kldpo", "beta": 0.1, "tau": 0.5}: defaults filled in,
+    values coerced to the default's type.  The registry makes the checks; this re-words its errors as
+    UserErrors naming the config key (and the valid names / hyperparameters)."""
     import robust_objectives as ro  # torch, which `robust-dpo train --help` need not load
 
     values = dict(values or {})
@@ -195,7 +195,7 @@ def resolve_objective_config(values: Mapping[str, Any] | None) -> ObjectiveConfi
                             f"(only {', '.join(sorted(ro.NEEDS_CALIBRATION))} do)")
         defaults = ro.objective_hyperparameters(name)
         coerced = {
-            key: config_lib._coerce(value, type(defaults[key]), f"objective.{key}")
+            key: config_lib.coerce(value, type(defaults[key]), f"objective.{key}")
             if defaults.get(key) is not None else value
             for key, value in values.items()
         }
@@ -216,8 +216,7 @@ def resolve_objective_config(values: Mapping[str, Any] | None) -> ObjectiveConfi
 
 
 def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
-    """`config.build(TrainConfig, values)`: the user-facing nested mapping (see train_config_to_dict)
-    to the typed config, strictly."""
+    """The typed config from the user-facing nested mapping (`train_config_to_dict`), strictly."""
     return config_lib.build(TrainConfig, values)
 
 
@@ -248,51 +247,13 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# [2] Checks that need no data or model ----------------------------------------------------------
-
-
-def check_train_config(cfg: TrainConfig) -> None:
-    """Cross-section checks against the objective registry (ranges are the sections' own); UserError."""
-    t = cfg.train
-    import robust_objectives as ro
-
-    name = cfg.objective.name
-    spec = ro.get_spec(name)
-    if cfg.reference.mode == "precomputed" and spec.token_level:
-        raise UserError(
-            f"objective {name!r} is token-level: it needs the reference's full-vocabulary distribution at "
-            "every response position, which is not stored by the precompute; use reference.mode=live"
-        )
-    if spec.needs_embeddings and cfg.model.attn_implementation not in ("auto", "eager"):
-        raise UserError(
-            f"objective {name!r} differentiates twice through attention; model.attn_implementation="
-            f"{cfg.model.attn_implementation!r} has no double backward, use 'eager' (or 'auto')"
-        )
-    if t.packing and not spec.needs_embeddings and cfg.model.attn_implementation not in ("auto", "sdpa", "eager"):
-        raise UserError(
-            f"train.packing=true needs model.attn_implementation sdpa or eager (packed rows take a 4D "
-            f"block mask); {cfg.model.attn_implementation!r} does not, set train.packing=false"
-        )
-    if spec.needs_embeddings and t.gradient_checkpointing:
-        raise UserError(
-            f"objective {name!r} differentiates twice through the model, which gradient checkpointing's "
-            "recomputation does not support; set train.gradient_checkpointing=false"
-        )
-    if spec.needs_embeddings and t.strategy == "fsdp":
-        raise UserError(
-            f"objective {name!r} needs a double backward through the input embeddings, which FSDP's "
-            "sharded parameters do not support here; use train.strategy=ddp"
-        )
+# [2] What the objective decides: attention kernel and batch layout -------------------------------
 
 
 def attention_implementation(cfg: TrainConfig) -> str:
-    """The attention kernel to load the model with.
-
-    WDPO's penalty is differentiated again (double backward through attention).  PyTorch's fused
-    SDPA kernels have no double backward ("derivative for aten::_scaled_dot_product_flash_attention_
-    for_cpu_backward is not implemented"), so objectives that need input embeddings get the eager
-    (matmul + softmax) path; everything else gets SDPA.
-    """
+    """The attention kernel to load the model with: "auto" is SDPA, except eager (matmul + softmax) for
+    objectives that need input embeddings (WDPO differentiates its penalty again, and PyTorch's fused
+    SDPA kernels have no double backward)."""
     import robust_objectives as ro
 
     if cfg.model.attn_implementation != "auto":
@@ -301,13 +262,10 @@ def attention_implementation(cfg: TrainConfig) -> str:
 
 
 def batch_layout(cfg: TrainConfig) -> tuple[str, bool]:
-    """(layout, response_head) of the train stage's micro-batches (pipelines/collate.py).
-
-    train.packing=false is the plain path: padded rows, full-vocabulary logits.  Otherwise the
-    prompt is shared across each pair's (or list's) responses, except for objectives that need the
-    input embeddings (wdpo): their penalty is defined on the two rows as separate inputs, so their
-    rows are packed unshared (each row its own copy of the prompt).
-    """
+    """(layout, response_head) of the micro-batches (pipelines/collate.py): padded rows and full logits
+    when train.packing=false; else the prompt shared across each pair's (or list's) responses, except
+    for objectives that need the input embeddings (wdpo), whose penalty is defined on the two rows as
+    separate inputs: their rows are packed unshared (each its own copy of the prompt)."""
     import robust_objectives as ro
 
     if not cfg.train.packing:
@@ -324,29 +282,20 @@ def batch_layout(cfg: TrainConfig) -> tuple[str, bool]:
 class DatasetInfo:
     """What the driver learned about the dataset: enough to plan steps and validate columns."""
 
-    path: str  # dataset directory
     format: str  # "pairs" or "listwise"
-    train_rows: int  # rows in the train split
+    steps_per_epoch: int  # full global batches (train.batch_size rows) in the train split
     eval_split: str | None  # the resolved eval split, None = no evaluation
-    eval_rows: int  # rows in the eval split (0 without one)
     columns: tuple[str, ...]  # columns of the train split
-    manifest: dict  # the dataset's manifest.json
 
 
 def count_split(directory: Path) -> tuple[int, tuple[str, ...]]:
-    """Rows and column names of a split folder of parquet files (from footers only)."""
+    """Rows and column names (the last file's) of a split folder of parquet files, from footers only."""
     import pyarrow.parquet as pq
 
     files = sorted(directory.rglob("*.parquet"))
     if not files:
         raise UserError(f"split folder '{directory}' holds no parquet files")
-    rows = 0
-    columns: tuple[str, ...] = ()
-    for f in files:
-        meta = pq.ParquetFile(f)
-        rows += meta.metadata.num_rows
-        columns = tuple(meta.schema_arrow.names)
-    return rows, columns
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files), tuple(pq.read_schema(files[-1]).names)
 
 
 def inspect_dataset(cfg: TrainConfig) -> DatasetInfo:
@@ -384,17 +333,15 @@ def inspect_dataset(cfg: TrainConfig) -> DatasetInfo:
     else:
         schema.split_dir(cfg.data.path, cfg.data.eval_split)  # UserError naming the splits
         eval_split = cfg.data.eval_split
-    eval_rows = count_split(Path(cfg.data.path) / eval_split)[0] if eval_split else 0
+    if eval_split:
+        count_split(Path(cfg.data.path) / eval_split)  # UserError if it holds no parquet files
     steps_per_epoch = train_rows // cfg.train.batch_size
     if steps_per_epoch == 0:
         raise UserError(
             f"dataset '{cfg.data.path}' split '{cfg.data.train_split}' has {train_rows} rows, fewer than "
             f"train.batch_size={cfg.train.batch_size}"
         )
-    return DatasetInfo(
-        path=str(cfg.data.path), format=fmt, train_rows=train_rows, eval_split=eval_split,
-        eval_rows=eval_rows, columns=columns, manifest=manifest,
-    )
+    return DatasetInfo(format=fmt, steps_per_epoch=steps_per_epoch, eval_split=eval_split, columns=columns)
 
 
 def check_model(cfg: TrainConfig) -> None:
@@ -413,7 +360,5 @@ def check_model(cfg: TrainConfig) -> None:
 
 def total_steps(cfg: TrainConfig, info: DatasetInfo) -> int:
     """Optimizer steps of the whole run: max_steps, or epochs x full global batches per epoch."""
-    if cfg.train.max_steps > 0:
-        return cfg.train.max_steps
-    return cfg.train.epochs * (info.train_rows // cfg.train.batch_size)
+    return cfg.train.max_steps or cfg.train.epochs * info.steps_per_epoch
 

@@ -67,18 +67,14 @@ def build_optimizer(cfg: TrainConfig, parameters):
     DTensor shards take the foreach path."""
     import torch
 
-    fused = cfg.train.strategy == "ddp"
-    return torch.optim.AdamW(parameters, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
+    return torch.optim.AdamW(parameters, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                             fused=cfg.train.strategy == "ddp")
 
 
 def build_worker_models(cfg: TrainConfig, device):
-    """Policy (LoRA-wrapped when lora.r > 0) and, for full fine-tuning with a live reference, a
-    frozen reference copy; both FSDP2-sharded under train.strategy=fsdp.
-
-    Returns:
-        (policy, reference) where reference is None for LoRA (adapter-disabled base) or a
-        precomputed reference.
-    """
+    """(policy, reference): the policy LoRA-wrapped when lora.r > 0; a frozen reference copy only for
+    full fine-tuning with a live reference (else None: LoRA's adapter-disabled base or precomputed
+    columns); both FSDP2-sharded under train.strategy=fsdp."""
     from pipelines import model as model_lib
 
     attn = tc.attention_implementation(cfg)
@@ -285,12 +281,3 @@ def _report(state: WorkerState, row: dict[str, float], cfg: TrainConfig, *, fina
                                     history=state.history, rank=rank, timings=state.timings, final_model=final_model)
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
         ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state.step:06d}")
-
-
-def progress_note(row: dict[str, float]) -> str:
-    """The short note a progress line carries for one report row."""
-    parts = [f"loss {row['loss']:.4f}", f"acc {row['rewards/accuracies']:.3f}", f"margin {row['rewards/margins']:.4f}",
-             f"tokens/s {row['tokens_per_s']:.0f}"]
-    if "eval/loss" in row:
-        parts += [f"eval/loss {row['eval/loss']:.4f}", f"eval/acc {row['eval/accuracy']:.3f}"]
-    return " | ".join(parts)

@@ -17,10 +17,8 @@ checkpoints: the driver writes DIR/metrics.csv from the latest checkpoint's hist
 worker restarts and driver reruns alike.
 
 Both .pt files are read with `torch.load(weights_only=True)`: tensors, numbers, strings, lists and
-dicts only, so a checkpoint cannot run code when it is loaded. The optimizer and scheduler state
-dicts are exactly that (LambdaLR stores its schedule function as None; `build_schedule` rebuilds it
-from the config), and save_checkpoint stores the scheduler's state dict only through
-_loadable_scheduler_state, which refuses anything else at save time rather than at resume.
+dicts only, so a checkpoint cannot run code when it is loaded (`_loadable_scheduler_state` refuses
+anything else at save time rather than at resume).
 """
 
 from __future__ import annotations
@@ -44,23 +42,29 @@ def _is_sharded(model) -> bool:
 
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:
     """Full CPU tensors of the trainable parameters (a collective under FSDP: every rank calls it)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v for k, v in full.items() if k in names}
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in full.items() if k in trainable}
+    return {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()}
 
 
 def optimizer_state_dict(model, optimizer) -> dict[str, Any]:
     if _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(
-            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, optimizer, options=options)
     return optimizer.state_dict()
+
+
+def _copy_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
 
 
 def _loadable_scheduler_state(scheduler) -> dict[str, Any]:
@@ -110,16 +114,6 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, *, step: int, 
                                                     "files": files}))
 
 
-def is_complete(directory: Path, state: dict[str, Any]) -> bool:
-    """Whether every file train_state.json lists is there at its size (a checkpoint written before
-    the list existed counts as complete)."""
-    for name, size in state.get("files", {}).items():
-        path = directory / name
-        if not path.is_file() or path.stat().st_size != size:
-            return False
-    return True
-
-
 def read_train_state(directory: str | Path) -> dict[str, Any]:
     """{"step": int, "history": [...]} of a checkpoint directory."""
     return json.loads((Path(directory) / STATE_FILE).read_text())
@@ -144,10 +138,7 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict[str, A
         set_model_state_dict(model, weights, options=options)
         set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=options)
     else:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
+        _copy_weights(model, weights)
         optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     return read_train_state(directory)
@@ -156,13 +147,8 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict[str, A
 def save_final_model(directory: Path, model, *, model_path: str, lora: bool, weights: dict | None = None) -> Path:
     """Write an HF model dir loadable with from_pretrained: LoRA merged into the base, + tokenizer.
 
-    Args:
-        directory: target folder (created).
-        model: the trained policy (peft-wrapped with LoRA).  Under FSDP pass `weights` (the full
-            trainable state) instead and a fresh CPU copy is built from `model_path`.
-        model_path: the base model path (tokenizer source; base weights for the FSDP path).
-        lora: whether `model` carries LoRA adapters.
-        weights: full trainable state dict (FSDP), or None.
+    Under FSDP pass `weights` (the gathered full trainable state): a fresh CPU copy is then built from
+    `model_path` (also the tokenizer's source) and loaded with them.
     """
     from transformers import AutoTokenizer
 
@@ -173,14 +159,10 @@ def save_final_model(directory: Path, model, *, model_path: str, lora: bool, wei
         attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
         fresh = model_lib.load_causal_lm(model_path, attn_implementation=attn)
         if lora:
-            peft_config = model.peft_config["default"]
             from peft import get_peft_model
 
-            fresh = get_peft_model(fresh, peft_config)
-        params = dict(fresh.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
+            fresh = get_peft_model(fresh, model.peft_config["default"])
+        _copy_weights(fresh, weights)
         model = fresh
     if lora:
         model = model.merge_and_unload()
@@ -193,7 +175,8 @@ def save_final_model(directory: Path, model, *, model_path: str, lora: bool, wei
 
 
 def find_latest_checkpoint(root: Path) -> Path | None:
-    """The complete checkpoint_* folder under `root` with the most steps done (driver side, no Ray)."""
+    """The complete checkpoint_* folder under `root` with the most steps done (driver side, no Ray); a
+    checkpoint written before train_state.json listed its files counts as complete."""
     best, best_step = None, -1
     for state in root.glob("checkpoint_*/" + STATE_FILE):
         try:
@@ -201,8 +184,7 @@ def find_latest_checkpoint(root: Path) -> Path | None:
             step = saved["step"]
         except (OSError, ValueError, KeyError):
             continue
-        if not is_complete(state.parent, saved):
-            continue
-        if step > best_step:
+        files = [(state.parent / name, size) for name, size in saved.get("files", {}).items()]
+        if step > best_step and all(path.is_file() and path.stat().st_size == size for path, size in files):
             best, best_step = state.parent, step
     return best

@@ -23,7 +23,7 @@ What is global (STYLE.md G8: decided once, here):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -33,14 +33,9 @@ import robust_objectives as ro
 from pipelines import model as model_lib
 from pipelines.collate import count_tokens
 
-REWARD_KEYS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
+# What `evaluate` reports, each prefixed eval/ (eval/accuracy = the objective's rewards/accuracies)
+EVAL_KEYS = ("loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected")
 BUCKET_ELEMENTS = 2**24  # gradient all-reduce bucket (64 MiB of fp32)
 
 
@@ -62,7 +57,7 @@ class StepContext:
     rank: int = 0
     seed: int = 0
     sync_gradients: bool = True  # False under FSDP (it reduces gradients itself)
-    uses_gather: Optional[bool] = field(default=None)  # learned on the first coupled step
+    uses_gather: Optional[bool] = None  # learned on the first coupled step
 
 
 # [1] Collectives -----------------------------------------------------------------------------
@@ -78,12 +73,6 @@ def all_gather_detached(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def all_reduce_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
 def all_reduce_gradients(parameters: Sequence[torch.nn.Parameter], world_size: int) -> None:
     """Average .grad over workers in flat buckets (what DDP does, after the last micro-step).
 
@@ -97,24 +86,22 @@ def all_reduce_gradients(parameters: Sequence[torch.nn.Parameter], world_size: i
     """
     if world_size == 1:
         return
+    buckets: list[list[torch.Tensor]] = [[]]
+    size = 0
     for p in parameters:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for p in list(parameters) + [None]:
-        if p is not None:
-            bucket.append(p.grad)
-            size += p.grad.numel()
-        if bucket and (p is None or size >= BUCKET_ELEMENTS):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            flat /= world_size
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
-            bucket, size = [], 0
+        if size >= BUCKET_ELEMENTS:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p.grad)
+        size += p.grad.numel()
+    for bucket in filter(None, buckets):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world_size
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(part.view_as(g))
 
 
 # [2] One micro-batch ---------------------------------------------------------------------------
@@ -122,21 +109,16 @@ def all_reduce_gradients(parameters: Sequence[torch.nn.Parameter], world_size: i
 
 def compute_reference(policy, reference, batch, ctx: StepContext) -> Optional[model_lib.RowLogps]:
     if not ctx.live_reference:
-        return None
-    return model_lib.compute_reference_row_logps(
-        policy, reference, batch, vocab=ctx.needs_vocab, precision=ctx.precision
-    )
+        return None  # precomputed: the batch carries the reference's log-probs
+    return model_lib.compute_reference_row_logps(policy, reference, batch, vocab=ctx.needs_vocab,
+                                                 precision=ctx.precision)
 
 
 def compute_objective(policy, batch, reference_logps, ctx: StepContext, gather, *, objective_grad: bool = True):
     """Policy forward + objective on one collated micro-batch (`gather` goes to coupled objectives only).
-
-    Returns:
-        (ObjectiveOutput, inputs) where inputs is the PreferenceLogps / ListwiseLogps given to it.
-    """
-    policy_logps = model_lib.compute_row_logps(
-        policy, batch, vocab=ctx.needs_vocab, embeddings=ctx.needs_embeddings, precision=ctx.precision
-    )
+    Returns (ObjectiveOutput, the PreferenceLogps / ListwiseLogps it was given)."""
+    policy_logps = model_lib.compute_row_logps(policy, batch, vocab=ctx.needs_vocab, embeddings=ctx.needs_embeddings,
+                                               precision=ctx.precision)
     build = model_lib.build_listwise_logps if ctx.listwise else model_lib.build_preference_logps
     inputs = build(batch, policy_logps, reference_logps)
     coupling = {"gather": gather} if ctx.batch_coupled else {}
@@ -146,13 +128,9 @@ def compute_objective(policy, batch, reference_logps, ctx: StepContext, gather, 
 
 
 def summarize_micro_batch(out, inputs, ctx: StepContext) -> dict[str, float]:
-    """Per-micro-batch metric means: the objective's metrics (rewards/chosen, rewards/rejected,
-    rewards/margins, rewards/accuracies, rewards/accuracy_delta and its own statistics, defined
-    there once) plus what only the step sees: the loss and the policy's summed log-probs.
-
-    Listwise: logps/chosen is the top-scored response of each list, logps/rejected the bottom-scored
-    one, ranked by robust_objectives.rank_by_scores as the objective's reward metrics are.
-    """
+    """Per-micro-batch metric means: the objective's own metrics (rewards/*, defined there once) plus
+    what only the step sees: the loss and the policy's summed log-probs (logps/*; listwise: of the
+    top- and bottom-scored response, ranked by robust_objectives.rank_by_scores as rewards/* are)."""
     with torch.no_grad():
         if ctx.listwise:
             ranked = ro.rank_by_scores(inputs.policy_logps.detach().float(), inputs.scores)
@@ -171,32 +149,25 @@ class MetricSums:
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
-        self.weight = 0.0
-        self.tokens = 0.0
-        self.positions = 0.0
-        self.padding = 0.0
+        self.counts = [0.0, 0.0, 0.0, 0.0]  # pairs, tokens, positions, padding
 
     def add(self, metrics: Mapping[str, float], pairs: int, tokens: int = 0, positions: int = 0,
             padding: int = 0) -> None:
         """tokens: useful tokens (an unshared forward's count); positions computed; padding among them."""
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + value * pairs
-        self.weight += pairs
-        self.tokens += tokens
-        self.positions += positions
-        self.padding += padding
+        self.counts = [c + n for c, n in zip(self.counts, (pairs, tokens, positions, padding))]
 
     def reduce(self, world_size: int, device, keys: Sequence[str] | None = None) -> dict[str, float]:
         """Global means (every worker must call this with the same `keys`, in the same order)."""
         keys = list(keys if keys is not None else sorted(self.sums))
-        values = [self.sums.get(k, 0.0) for k in keys] + [self.weight, self.tokens, self.positions, self.padding]
-        total = all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device), world_size).tolist()
-        weight, tokens, positions, padding = total[-4:]
-        out = {k: v / weight if weight else math.nan for k, v in zip(keys, total[:-4])}
-        out["pairs"] = weight
-        out["tokens"] = tokens
-        out["positions"] = positions
-        out["padding_fraction"] = padding / positions if positions else math.nan
+        total = torch.tensor([self.sums.get(k, 0.0) for k in keys] + self.counts, dtype=torch.float64, device=device)
+        if world_size > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        *sums, pairs, tokens, positions, padding = total.tolist()
+        out = {k: v / pairs if pairs else math.nan for k, v in zip(keys, sums)}
+        out.update(pairs=pairs, tokens=tokens, positions=positions,
+                   padding_fraction=padding / positions if positions else math.nan)
         return out
 
 
@@ -209,28 +180,16 @@ def _seed_micro_step(ctx: StepContext, step: int, micro: int) -> None:
     torch.manual_seed(((ctx.seed * 1_000_003 + step) * 1009 + ctx.rank) * 101 + micro)
 
 
-class _Recorder:
-    """`gather` of the first pass: records what the objective gathers, returns it unchanged."""
-
-    def __init__(self) -> None:
-        self.calls: list[torch.Tensor] = []
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.calls.append(tensor.detach().clone())
-        return tensor.detach()
-
-
-class _Replay:
+def _replay(full: list[torch.Tensor], offset: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """`gather` of the second pass: the whole step's values, this micro-batch's own ones in place."""
+    recorded = iter(full)
 
-    def __init__(self, full: list[torch.Tensor], offset: int) -> None:
-        self.full, self.offset, self.call = full, offset, 0
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        values = self.full[self.call].clone()
-        self.call += 1
-        values[self.offset : self.offset + tensor.shape[0]] = tensor.detach()
+    def gather(tensor: torch.Tensor) -> torch.Tensor:
+        values = next(recorded).clone()
+        values[offset : offset + tensor.shape[0]] = tensor.detach()
         return values
+
+    return gather
 
 
 def _record_step_statistics(policy, reference, micro_batches, ctx, step, references):
@@ -240,32 +199,28 @@ def _record_step_statistics(policy, reference, micro_batches, ctx, step, referen
     records: list[list[torch.Tensor]] = []
     for m, batch in enumerate(micro_batches):
         _seed_micro_step(ctx, step, m)
-        recorder = _Recorder()
+        calls: list[torch.Tensor] = []
+
+        def record(tensor: torch.Tensor) -> torch.Tensor:  # the first pass's `gather`: returns its input
+            calls.append(tensor.detach().clone())
+            return tensor.detach()
+
         with torch.set_grad_enabled(ctx.needs_embeddings):
-            compute_objective(policy, batch, references[m], ctx, recorder, objective_grad=False)
-        if not recorder.calls:
+            compute_objective(policy, batch, references[m], ctx, record, objective_grad=False)
+        if not calls:
             return None
-        records.append(recorder.calls)
-    calls = len(records[0])
-    local = [torch.cat([records[m][j] for m in range(len(micro_batches))]) for j in range(calls)]
-    return [all_gather_detached(t, ctx.world_size) for t in local]
+        records.append(calls)
+    return [all_gather_detached(torch.cat(per_call), ctx.world_size) for per_call in zip(*records)]
 
 
 def train_step(policy, reference, optimizer, scheduler, micro_batches: Sequence[Mapping[str, Any]],
                ctx: StepContext, step: int) -> dict[str, float]:
-    """Forward/backward over this worker's micro-batches, gradient sync, clip, optimizer step.
+    """Forward/backward over this worker's micro-batches, gradient sync, clip, optimizer and scheduler step.
 
-    Args:
-        policy: the trained model (train mode).
-        reference: frozen reference model, or None (LoRA adapter-disabled or precomputed reference).
-        optimizer, scheduler: torch optimizer and LR scheduler (stepped once).
-        micro_batches: A collated micro-batches already on the device, equal pairs each.
-        ctx: the worker's StepContext.
-        step: index of this optimizer step (0-based; seeds the micro-steps).
-
-    Returns:
-        Global metrics of the step: loss, reward metrics, objective metrics, grad_norm, lr,
-        pairs, tokens, padding_fraction.
+    `reference` is None for LoRA (adapter-disabled base) or a precomputed reference; `micro_batches`
+    are collated, on the device, equal pairs each; `step` (0-based) seeds the micro-steps.  Returns
+    the step's global metrics: loss, reward and objective metrics, grad_norm, lr, pairs, tokens,
+    padding_fraction.
     """
     accumulation = len(micro_batches)
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -281,7 +236,7 @@ def train_step(policy, reference, optimizer, scheduler, micro_batches: Sequence[
         _seed_micro_step(ctx, step, m)
         pairs = batch["num_pairs"]
         if full is not None:
-            gather = _Replay(full, (ctx.rank * accumulation + m) * pairs)
+            gather = _replay(full, (ctx.rank * accumulation + m) * pairs)
         else:
             gather = lambda t: all_gather_detached(t, ctx.world_size)  # noqa: E731
         reference_logps = references[m] if references else compute_reference(policy, reference, batch, ctx)
@@ -297,11 +252,8 @@ def train_step(policy, reference, optimizer, scheduler, micro_batches: Sequence[
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
-    device = micro_batches[0]["input_ids"].device
-    metrics = sums.reduce(ctx.world_size, device)
-    metrics["grad_norm"] = float(grad_norm)
-    metrics["lr"] = lr
-    return metrics
+    metrics = sums.reduce(ctx.world_size, micro_batches[0]["input_ids"].device)
+    return {**metrics, "grad_norm": float(grad_norm), "lr": lr}
 
 
 # [4] Evaluation --------------------------------------------------------------------------------
@@ -310,13 +262,8 @@ def train_step(policy, reference, optimizer, scheduler, micro_batches: Sequence[
 def evaluate(policy, reference, batches: Iterable[Optional[Mapping[str, Any]]], ctx: StepContext) -> dict[str, float]:
     """Held-out metrics, prefixed eval/: eval/loss is the mean per-pair base loss (ObjectiveOutput
     .losses: per-pair, independent of the batch for the coupled objectives), eval/accuracy the
-    objective's rewards/accuracies (pairs whose implicit reward ranks chosen above rejected), and
-    the reward and log-prob metrics.
-
-    Args:
-        batches: this worker's collated eval micro-batches on the device (None = no rows here;
-            every worker still joins the final all-reduce).
-    """
+    objective's rewards/accuracies, and the reward and log-prob metrics.  `batches` are this worker's
+    collated micro-batches on the device (None = no rows here; it still joins the all-reduce)."""
     was_training = policy.training
     policy.eval()
     sums = MetricSums()
@@ -329,11 +276,8 @@ def evaluate(policy, reference, batches: Iterable[Optional[Mapping[str, Any]]], 
         metrics = summarize_micro_batch(out, inputs, ctx)
         metrics["loss"] = float(out.losses.float().mean())
         metrics["accuracy"] = metrics["rewards/accuracies"]
-        sums.add({k: metrics[k] for k in ("loss", "accuracy") + REWARD_KEYS}, batch["num_pairs"])
+        sums.add({k: metrics[k] for k in EVAL_KEYS}, batch["num_pairs"])
         del out, inputs
     policy.train(was_training)
-    device = next(policy.parameters()).device
-    reduced = sums.reduce(ctx.world_size, device, keys=("loss", "accuracy") + REWARD_KEYS)
-    out = {f"eval/{k}": reduced[k] for k in ("loss", "accuracy") + REWARD_KEYS}
-    out["eval/pairs"] = reduced["pairs"]
-    return out
+    reduced = sums.reduce(ctx.world_size, next(policy.parameters()).device, keys=EVAL_KEYS)
+    return {f"eval/{k}": reduced[k] for k in (*EVAL_KEYS, "pairs")}

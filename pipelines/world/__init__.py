@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from pipelines.world.functions import (
     WORLD_VERSION,
     World,
     WorldPaths,
+    _round,
     load_world,
     world_paths,
 )
@@ -137,28 +137,19 @@ class WorldConfig:
             if not ok:
                 raise FieldError(key, message)
 
+        n_groups = len(self.group_alphas)
         check(self, "[0, 1]", "alpha_train", "label_noise", "target_fraction", "eval_target_fraction")
         check(self, ">= 0", "bt_temperature", "judge_bias", "filler_penalty")
-        need(len(self.group_alphas) >= 1, "group_alphas", "needs at least one group")
-        need(
-            len(self.group_alphas) == len(self.group_weights),
-            "group_weights",
-            f"has {len(self.group_weights)} entries but group_alphas has {len(self.group_alphas)}",
-        )
+        need(n_groups >= 1, "group_alphas", "needs at least one group")
+        need(len(self.group_weights) == n_groups, "group_weights",
+             f"has {len(self.group_weights)} entries but group_alphas has {n_groups}")
         need(all(0 <= a <= 1 for a in self.group_alphas), "group_alphas", "must lie in [0, 1]")
         need(all(w > 0 for w in self.group_weights), "group_weights", "must be > 0")
         check(self, ">= 2", "n_train", "n_eval", "n_content_words", "max_response_words")
-        need(
-            self.n_topic_words >= len(self.group_alphas),
-            "n_topic_words",
-            f"must be >= the number of groups ({len(self.group_alphas)})",
-        )
+        need(self.n_topic_words >= n_groups, "n_topic_words", f"must be >= the number of groups ({n_groups})")
         check(self, ">= 1", "n_filler_words", "max_prompt_words", "ref_steps", "ref_batch_size")
-        need(
-            0 <= self.n_style_words <= self.n_content_words,
-            "n_style_words",
-            f"must be in [0, n_content_words = {self.n_content_words}], got {self.n_style_words}",
-        )
+        need(0 <= self.n_style_words <= self.n_content_words, "n_style_words",
+             f"must be in [0, n_content_words = {self.n_content_words}], got {self.n_style_words}")
         check(self, "> 0", "reward_logit_std", "ref_lr")
         check(self, ">= 20", "n_classifier")
         need(self.ref_hidden_size % self.ref_heads == 0, "ref_heads", "must divide ref_hidden_size")
@@ -175,19 +166,8 @@ def rng_for(seed: int, stream: str) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, STREAMS.index(stream)])))
 
 
-def _round(x) -> list | float:
-    """6 significant digits: world.json stays small and the stored numbers are the ones used."""
-    a = np.asarray(x, dtype=float)
-    if a.ndim == 0:
-        return float(f"{float(a):.6g}")
-    return [_round(row) for row in a]
-
-
 def draw_world_spec(cfg: WorldConfig) -> dict:
-    """Draw every parameter of the world (vocabulary, generators, rewards, groups) from cfg.seed.
-
-    Returns the world.json dictionary without the classifier, reference and stats sections.
-    """
+    """The world.json dictionary drawn from cfg.seed, without the classifier, reference and stats sections."""
     rng = rng_for(cfg.seed, "params")
     topics = [f"t{i:02d}" for i in range(cfg.n_topic_words)]
     content = [f"c{i:02d}" for i in range(cfg.n_content_words)]
@@ -214,14 +194,11 @@ def draw_world_spec(cfg: WorldConfig) -> dict:
     w_perp -= (w_perp @ w1) / (w1 @ w1) * w1
     w_perp *= np.linalg.norm(w1) / np.linalg.norm(w_perp)
     raw = {"r1": w1, "r2": -0.6 * w1 + 0.8 * w_perp, "r3": rng.normal(size=dim)}  # cos(w1, w2) = -0.6
-    groups = {}
     per_group = np.array_split(np.arange(len(topics)), len(cfg.group_alphas))
-    for g, (alpha, weight, idx) in enumerate(zip(cfg.group_alphas, cfg.group_weights, per_group)):
-        groups[f"g{g}"] = {
-            "alpha": float(alpha),
-            "weight": float(weight),
-            "topic_words": [topics[i] for i in idx],
-        }
+    groups = {
+        f"g{g}": {"alpha": float(alpha), "weight": float(weight), "topic_words": [topics[i] for i in idx]}
+        for g, (alpha, weight, idx) in enumerate(zip(cfg.group_alphas, cfg.group_weights, per_group))
+    }
     spec = {
         "kind": WORLD_KIND,
         "version": WORLD_VERSION,
@@ -291,22 +268,14 @@ def _feature_reward(w: np.ndarray, bias: float, cfg: WorldConfig) -> dict:
     return {
         "kind": "feature_sigmoid",
         "formula": FEATURE_REWARD_FORMULA,
-        "unigram_weights": _round(
-            np.r_[w[: cfg.n_content_words], np.full(cfg.n_filler_words, -cfg.filler_penalty)]
-        ),
+        "unigram_weights": _round(np.r_[w[: cfg.n_content_words], np.full(cfg.n_filler_words, -cfg.filler_penalty)]),
         "bigram_weights": _round(w[cfg.n_content_words :]),
         "bias": _round(bias),
     }
 
 
 def generate_world(cfg: SynthConfig | WorldConfig, output_dir: str | Path, log=print) -> WorldPaths:
-    """Generate the world of `cfg` into `output_dir` (overwriting its files) and return the paths.
-
-    Args:
-        cfg: a SynthConfig (or its `synth` WorldConfig).
-        output_dir: the world directory.
-        log: progress printer (one line per step).
-    """
+    """Generate the world of `cfg` into `output_dir` (overwriting its files); `log` prints one line per step."""
     from pipelines.timings import Timings
     from pipelines.world.toy_models import build_word_tokenizer
 
@@ -323,9 +292,7 @@ def generate_world(cfg: SynthConfig | WorldConfig, output_dir: str | Path, log=p
 
     # [2] Stage-1 source classifier (DoRA, OBJECTIVES.md 6.2): target vs synthetic responses.
     with timings.phase("source classifier"):
-        spec["classifier"] = fit_source_classifier(world, wc, rng_for(wc.seed, "classifier"))
-        spec = json.loads(json.dumps(spec))
-        world = World(spec)
+        spec["classifier"] = fit_source_classifier(world, wc, rng_for(wc.seed, "classifier"))  # world.spec is spec
     log(
         f"[2/5] source classifier: held-out accuracy {spec['classifier']['heldout_accuracy']:.3f}, "
         f"ECE {spec['classifier']['heldout_ece']:.3f}"
@@ -342,37 +309,27 @@ def generate_world(cfg: SynthConfig | WorldConfig, output_dir: str | Path, log=p
     log(f"[3/5] pairs: {len(train['prompt'])} train, {len(evals['prompt'])} eval -> {paths.train.parent}")
 
     # [4] Tokenizer (word level, chat template) and [5] the reference model trained by ML on Q_synthetic.
-    started = time.perf_counter()
-    tokenizer = build_word_tokenizer(world.words, chat_template=CHAT_TEMPLATE)
-    if tokenizer.convert_tokens_to_ids(world.words[0]) != 4:
-        raise AssertionError("tokenizer ids must be 4 + world word index")
-    tokenizer.save_pretrained(paths.tokenizer)
-    log(f"[4/5] tokenizer: {len(tokenizer)} tokens -> {paths.tokenizer}")
-    model, ref_stats = train_reference_model(
-        world,
-        wc,
-        tokenizer,
-        rng_for(wc.seed, "reference_data"),
-        rng_for(wc.seed, "reference_init"),
-        log=log,
-    )
-    model.save_pretrained(paths.reference_model)
-    tokenizer.save_pretrained(paths.reference_model)
-    spec["reference_model"] = ref_stats
-    timings.add("tokenizer and reference model", time.perf_counter() - started)
+    with timings.phase("tokenizer and reference model"):
+        tokenizer = build_word_tokenizer(world.words, chat_template=CHAT_TEMPLATE)
+        if tokenizer.convert_tokens_to_ids(world.words[0]) != 4:
+            raise AssertionError("tokenizer ids must be 4 + world word index")
+        tokenizer.save_pretrained(paths.tokenizer)
+        log(f"[4/5] tokenizer: {len(tokenizer)} tokens -> {paths.tokenizer}")
+        model, ref_stats = train_reference_model(
+            world, wc, tokenizer, rng_for(wc.seed, "reference_data"), rng_for(wc.seed, "reference_init"), log=log
+        )
+        model.save_pretrained(paths.reference_model)
+        tokenizer.save_pretrained(paths.reference_model)
+        spec["reference_model"] = ref_stats
     log(
         f"[5/5] reference model: NLL/token {ref_stats['nll_per_token']:.3f} (generator "
         f"{ref_stats['generator_nll_per_token']:.3f}, uniform {ref_stats['uniform_nll_per_token']:.3f}) "
         f"-> {paths.reference_model}"
     )
 
-    spec["files"] = {
-        "tokenizer": "tokenizer",
-        "reference_model": "reference_model",
-        "train": "data/train.parquet",
-        "eval": "data/eval.parquet",
-        "columns": list(PAIR_COLUMNS),
-    }
+    stored = ("tokenizer", "reference_model", "train", "eval")
+    spec["files"] = {k: getattr(paths, k).relative_to(paths.root).as_posix() for k in stored}
+    spec["files"]["columns"] = list(PAIR_COLUMNS)
     dump(SynthConfig(synth=wc), paths.config)
     timings.write(paths.root)
     write_text_atomic(paths.world_json, json.dumps(spec, indent=1, sort_keys=True) + "\n")  # last: the world is whole
@@ -384,13 +341,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="world directory to write")
     parser.add_argument("--config", default=None, help="optional YAML with a `synth:` section")
     parser.add_argument(
-        "--force",
-        action="store_true",
-        help="regenerate even if DIR already holds a world with the same settings",
+        "--force", action="store_true", help="regenerate even if DIR already holds a world with the same settings"
     )
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="e.g. synth.seed=3 synth.label_noise=0.2"
-    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. synth.seed=3 synth.label_noise=0.2")
 
 
 def world_matches(output_dir: str | Path, wc: WorldConfig) -> bool | None:
@@ -420,8 +373,6 @@ def main(args: argparse.Namespace) -> int:
         if matches:
             say("synth", f"world already generated in {out} with the same settings; reusing it (--force regenerates)")
             return 0
-        raise UserError(
-            f"'{out}' holds a world generated with different settings; use --force or another --output"
-        )
+        raise UserError(f"'{out}' holds a world generated with different settings; use --force or another --output")
     generate_world(cfg, out, log=lambda message: say("synth", message.strip()))
     return 0

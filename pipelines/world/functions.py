@@ -32,13 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.data.shifts import dora_calibration
+from pipelines.data.shifts import dora_calibration, mixture_reward
 from pipelines.errors import UserError
 
 WORLD_FILE = "world.json"
 WORLD_KIND = "robust-dpo-world"
 WORLD_VERSION = 1
-FEATURE_REWARDS = ("r1", "r2", "r3")
 MIXTURE_FORMS = ("convex", "geometric")
 _PAD, _UNKNOWN = -1, -2  # token codes in the id matrices below
 
@@ -50,6 +49,17 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 def _log_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _round(x):
+    """6 significant digits, through dicts and arrays (ints, strings and None pass): world.json stays small
+    and the stored numbers are the ones used."""
+    if isinstance(x, dict):
+        return {k: _round(v) for k, v in x.items()}
+    if x is None or isinstance(x, (int, str)):
+        return x
+    a = np.asarray(x, dtype=float)
+    return float(f"{float(a):.6g}") if a.ndim == 0 else [_round(row) for row in a]
 
 
 @dataclass(frozen=True)
@@ -79,26 +89,16 @@ def world_paths(root: str | Path) -> WorldPaths:
 
 
 class World:
-    """The known functions of one generated world, built from its world.json dictionary.
+    """The known functions of one generated world, built from its parsed world.json."""
 
-    Args:
-        spec: the parsed world.json.
-        root: the world directory, when loaded from disk (gives `paths`).
-    """
-
-    def __init__(self, spec: dict, root: str | Path | None = None):
+    def __init__(self, spec: dict):
         self.spec = spec
-        self.paths = world_paths(root) if root is not None else None
         vocab = spec["vocabulary"]
         self.words: list[str] = list(vocab["words"])
         self.word_index = {w: i for i, w in enumerate(self.words)}
         self.n_topics = len(vocab["topic_words"])
         self.n_content = len(vocab["content_words"])
-        self.n_filler = len(vocab["filler_words"])
         self.max_response_words = int(spec["config"]["max_response_words"])
-        feats = spec["features"]
-        self.n_buckets = int(feats["n_buckets"])
-        self.hash_multiplier = int(feats["hash_multiplier"])
         self.reward_names: tuple[str, ...] = tuple(spec["reward_order"])  # world.json keys are sorted
         self._feature_weights = {
             k: (np.asarray(r["unigram_weights"]), np.asarray(r["bigram_weights"]), float(r["bias"]))
@@ -108,18 +108,13 @@ class World:
         gen = spec["generator"]
         self._transition = np.asarray(gen["transition_logits"])  # (n_words, n_response_words)
         self._topic_bias = np.asarray(gen["topic_bias"])  # (n_topics, n_response_words)
-        self.sources = tuple(gen["sources"])
         self.groups = tuple(spec["groups"])
         self._topic_group = {w: g for g, v in spec["groups"].items() for w in v["topic_words"]}
 
     # ---- text -> ids ---------------------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Word indices of whitespace tokens.
-
-        Returns:
-            ids: (N, L) int64, world word index, -2 for a word outside the vocabulary, -1 padding.
-            n_words: (N,) int64 number of whitespace tokens (unknown words included).
-        """
+        """(N, L) int64 world word indices of whitespace tokens (-2: a word outside the vocabulary, -1: padding)
+        and (N,) int64 number of tokens (unknown words included)."""
         rows = [str(t).split() for t in texts]
         n_words = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
         ids = np.full((len(rows), max(1, int(n_words.max(initial=0)))), _PAD, dtype=np.int64)
@@ -128,50 +123,37 @@ class World:
             ids[i, : len(r)] = [get(w, _UNKNOWN) for w in r]
         return ids, n_words
 
+    def _bag(self, ids: np.ndarray) -> np.ndarray:
+        """(N, n_words) float counts of each world word in the rows of `ids` (unknown words not counted)."""
+        known = ids >= 0
+        rows = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)
+        bag = np.zeros((len(ids), len(self.words)))
+        np.add.at(bag, (rows[known], ids[known]), 1.0)
+        return bag
+
     def _check(self, prompts: Sequence[str], responses: Sequence[str]) -> None:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
 
     # ---- rewards -------------------------------------------------------------------------------
     def features(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Reward features of each (prompt, response).
-
-        Returns:
-            counts: (N, n_content + n_filler) counts of each response word (content, then filler).
-            buckets: (N, n_buckets) 0/1 presence of each hashed bigram bucket (see module docstring).
-        """
+        """Reward features: (N, n_content + n_filler) response-word counts (content, then filler) and
+        (N, n_buckets) 0/1 presence of each hashed bigram bucket (see module docstring)."""
         self._check(prompts, responses)
         ids, _ = self.encode(responses)
-        n = ids.shape[0]
-        last = np.array(
-            [
-                self.word_index.get(p.split()[-1], _UNKNOWN) if p.split() else _UNKNOWN
-                for p in map(str, prompts)
-            ],
-            dtype=np.int64,
-        )
-        lo, hi = self.n_topics, self.n_topics + self.n_content
-        is_response = (ids >= lo) & (ids < hi + self.n_filler)
-        rows = np.broadcast_to(np.arange(n)[:, None], ids.shape)
-        counts = np.zeros((n, self.n_content + self.n_filler))
-        np.add.at(counts, (rows[is_response], ids[is_response] - lo), 1.0)
+        last = self.encode([(str(p).split() or [""])[-1] for p in prompts])[0][:, 0]  # < 0: none or unknown
+        lo, hi = self.n_topics, self.n_topics + self.n_content  # words = topics + content + filler
         seq = np.concatenate([last[:, None], ids], axis=1)  # [x_last] + y
         a, b = seq[:, :-1], seq[:, 1:]
         valid = (a >= 0) & (a < hi) & (b >= lo) & (b < hi)  # a topic/content, b content
-        bucket = (a * self.hash_multiplier + b) % self.n_buckets
-        buckets = np.zeros((n, self.n_buckets))
-        buckets[rows[valid], bucket[valid]] = 1.0
-        return counts, buckets
+        feats = self.spec["features"]
+        bucket = (a * int(feats["hash_multiplier"]) + b) % int(feats["n_buckets"])
+        buckets = np.zeros((len(ids), int(feats["n_buckets"])))
+        buckets[np.nonzero(valid)[0], bucket[valid]] = 1.0
+        return self._bag(ids)[:, lo:], buckets
 
     def reward(self, name: str, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        """Score responses with one known reward.
-
-        Args:
-            name: one of `reward_names` (r1, r2, r3, verbosity, length).
-            prompts, responses: N texts each.
-        Returns:
-            (N,) float64 rewards in [0, 1].
-        """
+        """(N,) float64 reward `name` (one of `reward_names`) of each (prompt, response), in [0, 1]."""
         if name not in self.reward_names:
             raise UserError(f"unknown world reward '{name}'; valid rewards: {', '.join(self.reward_names)}")
         if name in self._feature_weights:
@@ -181,42 +163,23 @@ class World:
         self._check(prompts, responses)
         ids, n_words = self.encode(responses)
         if name == "verbosity":
-            lo = self.n_topics + self.n_content
-            n_filler = ((ids >= lo) & (ids < lo + self.n_filler)).sum(axis=1)
-            return n_filler / np.maximum(n_words, 1)
+            return self._bag(ids)[:, self.n_topics + self.n_content :].sum(axis=1) / np.maximum(n_words, 1)
         if name == "length":
             return np.minimum(n_words, self.max_response_words) / self.max_response_words
         raise AssertionError(f"reward kind of '{name}' is not implemented")
 
-    def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
-        """Every known reward, {name: (N,)}."""
-        return {k: self.reward(k, prompts, responses) for k in self.reward_names}
-
-    def mixture_reward(
-        self,
-        alpha: float | np.ndarray,
-        prompts: Sequence[str],
-        responses: Sequence[str],
-        form: str = "convex",
-        components: tuple[str | None, str | None] | None = None,
-    ) -> np.ndarray:
+    def mixture_reward(self, alpha: float | np.ndarray, prompts: Sequence[str], responses: Sequence[str],
+                       form: str = "convex", components: tuple[str | None, str | None] | None = None) -> np.ndarray:
         """r(alpha) of the WDPO paper: convex alpha*r1 + (1-alpha)*r2 or geometric r1^alpha * r2^(1-alpha).
 
-        Args:
-            alpha: a scalar in [0, 1], or (N,) per-row alphas (e.g. each prompt's group alpha).
-            prompts, responses: N texts each.
-            form: "convex" or "geometric".
-            components: the two rewards (r1, r2) to mix; None = the world's mixture components.
-        Returns:
-            (N,) float64.
+        `alpha` is a scalar or (N,) per-row alphas (e.g. each prompt's group alpha); `components` names
+        the two rewards to mix (None: the world's mixture components).  Returns (N,) float64.
         """
         if form not in MIXTURE_FORMS:
             raise UserError(f"unknown mixture form '{form}'; valid forms: {', '.join(MIXTURE_FORMS)}")
         alpha = np.asarray(alpha, dtype=float)
         if not np.all((alpha >= 0.0) & (alpha <= 1.0)):
             raise UserError(f"mixture alpha must be in [0, 1], got {alpha}")
-        from pipelines.data.shifts import mixture_reward
-
         first, second = components if components and components[0] else self.spec["mixture"]["rewards"]
         r1, r2 = self.reward(first, prompts, responses), self.reward(second, prompts, responses)
         return mixture_reward(r1, r2, alpha, form)
@@ -224,14 +187,7 @@ class World:
     # ---- groups --------------------------------------------------------------------------------
     def group_of(self, prompts: Sequence[str]) -> np.ndarray:
         """(N,) group name of each prompt, from its first topic word ('' if none is a topic word)."""
-        return np.array(
-            [self._topic_group.get(str(p).split()[0], "") if str(p).split() else "" for p in prompts],
-            dtype=object,
-        )
-
-    def group_alpha(self, group: str) -> float:
-        """The mixture alpha that users of `group` want (world.json `groups.<g>.alpha`)."""
-        return float(self.spec["groups"][group]["alpha"])
+        return np.array([self._topic_group.get((str(p).split() or [""])[0], "") for p in prompts], dtype=object)
 
     # ---- generators (exact densities; sampling) --------------------------------------------------
     def _prompt_bias(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -247,12 +203,8 @@ class World:
         return self._transition[prev] + prompt_bias + word_bias
 
     def log_prob(self, source: str, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        """Exact log Q_source(y | x) of the known generator (world.json `generator.formula`).
-
-        Returns:
-            (N,) float64; -inf where the response is impossible (outside the response vocabulary,
-            empty, or longer than max_response_words).
-        """
+        """(N,) exact log Q_source(y | x) of the known generator (world.json `generator.formula`);
+        -inf where y is impossible (outside the response vocabulary, empty, or too long)."""
         self._check(prompts, responses)
         stop = float(self.spec["generator"]["sources"][source]["stop_prob"])
         bias, prev = self._prompt_bias(prompts)
@@ -263,7 +215,7 @@ class World:
             tok = ids[:, t]
             live = tok != _PAD
             resp = tok - self.n_topics
-            valid = (resp >= 0) & (resp < self.n_content + self.n_filler)
+            valid = (resp >= 0) & (tok < len(self.words))
             ok &= ~live | valid
             logp = _log_softmax(self._step_logits(source, prev, bias))
             out += np.where(live & valid, logp[np.arange(len(tok)), np.clip(resp, 0, None)], 0.0)
@@ -291,11 +243,8 @@ class World:
         return [" ".join(self.words[i] for i in row if i >= 0) for row in out]
 
     def sample_prompts(self, n: int, rng: np.random.Generator) -> tuple[list[str], list[str]]:
-        """Draw n prompts: group ~ group weights, length ~ U{1..max_prompt_words}, distinct topic words.
-
-        Returns:
-            prompts, groups: n texts and their group names.
-        """
+        """Draw n prompts and their group names: group ~ group weights, length ~ U{1..max_prompt_words},
+        distinct topic words."""
         names = list(self.groups)
         weights = np.array([self.spec["groups"][g]["weight"] for g in names], dtype=float)
         group_idx = rng.choice(len(names), size=n, p=weights / weights.sum())
@@ -311,12 +260,7 @@ class World:
     def classifier_features(self, responses: Sequence[str]) -> np.ndarray:
         """(N, n_words + 1): bag of words of the response (every world word) and #words / max_response_words."""
         ids, n_words = self.encode(responses)
-        known = ids >= 0
-        rows = np.broadcast_to(np.arange(len(n_words))[:, None], ids.shape)
-        feats = np.zeros((len(n_words), len(self.words) + 1))
-        np.add.at(feats, (rows[known], ids[known]), 1.0)
-        feats[:, -1] = n_words / self.max_response_words
-        return feats
+        return np.c_[self._bag(ids), n_words / self.max_response_words]
 
     def p_target(self, responses: Sequence[str]) -> np.ndarray:
         """(N,) calibrated P(source = target | response) of the stage-1 logistic classifier."""
@@ -325,15 +269,8 @@ class World:
         return _sigmoid(z / float(clf["temperature"]))
 
     def calibration(self, p_target: np.ndarray, target_fraction: float | None = None) -> np.ndarray:
-        """DoRA's h~ = 1 / (alpha + a (1 - p) / p), a = 1 - alpha (OBJECTIVES.md 6.2, official code).
-
-        Args:
-            p_target: (N,) P(target | response) (classifier or oracle).
-            target_fraction: alpha, the target source's share of the training mixture (default: the
-                world's training `target_fraction`).
-        Returns:
-            (N,) in [0, 1/alpha].
-        """
+        """DoRA's h~ = 1 / (alpha + (1 - alpha) (1 - p) / p) in [0, 1/alpha] (OBJECTIVES.md 6.2); alpha is the
+        target source's share of the training mixture (default: the world's training `target_fraction`)."""
         alpha = float(self.spec["config"]["target_fraction"] if target_fraction is None else target_fraction)
         return dora_calibration(p_target, alpha)
 
@@ -354,4 +291,4 @@ def load_world(directory: str | Path) -> World:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if spec.get("kind") != WORLD_KIND or spec.get("version") != WORLD_VERSION:
         raise UserError(f"{path}: not a {WORLD_KIND} v{WORLD_VERSION} file")
-    return World(spec, root=directory)
+    return World(spec)

@@ -10,57 +10,38 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.world.functions import World, _sigmoid
+from pipelines.world.functions import World, _round, _sigmoid
 
 REWARD_COLUMNS_OF = ("r1", "r2", "r3", "verbosity", "length")
+TEXT_COLUMNS = ("prompt", "chosen", "rejected", "group", "source")
 PAIR_COLUMNS = (
-    "prompt",
-    "chosen",
-    "rejected",
-    "group",
-    "source",
-    "alpha",
-    "flipped",
-    "calibration",
-    "calibration_oracle",
-    "p_target_chosen",
-    "p_target_rejected",
+    *TEXT_COLUMNS, "alpha", "flipped", "calibration", "calibration_oracle", "p_target_chosen", "p_target_rejected",
     *(f"reward_{k}_{side}" for k in REWARD_COLUMNS_OF for side in ("chosen", "rejected")),
 )
 _TIE = 1e-12  # labelling-score gap below which a pair is redrawn (no pair without a strict preference)
 
 
-def labelling_scores(
-    world: World, prompts, responses, alpha: np.ndarray, sources, judge_bias: float
-) -> np.ndarray:
-    """s(y) = alpha*r1 + (1-alpha)*r2 [+ judge_bias * verbosity(y) for synthetic rows]  (N,).
-
-    The judge term is OBJECTIVES.md 8.3's biased proxy: the synthetic source's judge likes verbosity.
-    """
+def labelling_scores(world: World, prompts, responses, alpha: np.ndarray, sources, judge_bias: float) -> np.ndarray:
+    """(N,) s(y) = alpha*r1 + (1-alpha)*r2 [+ judge_bias * verbosity(y) for synthetic rows]: the judge term is
+    OBJECTIVES.md 8.3's biased proxy (the synthetic source's judge likes verbosity)."""
     bias = judge_bias * (np.asarray(sources) == "synthetic") * world.reward("verbosity", prompts, responses)
     return world.mixture_reward(alpha, prompts, responses) + bias
 
 
-def build_pairs(
-    world: World, cfg, n: int, target_fraction: float, rng: np.random.Generator, split: str
-) -> dict:
-    """Draw n labelled pairs; both responses of a pair come from the same source and prompt.
+def build_pairs(world: World, cfg, n: int, target_fraction: float, rng: np.random.Generator, split: str) -> dict:
+    """Draw n labelled pairs, {column of PAIR_COLUMNS: n values}; both responses of a pair share source and prompt.
 
     Train labels: argmax (or BT-sampled) labelling score with judge bias on synthetic rows, then exact
     label-noise flips.  Eval labels: argmax of the golden mixture, no bias, no noise.
-
-    Returns:
-        {column: list/array of length n} with the columns of PAIR_COLUMNS.
     """
     is_train = split == "train"
     n_target = round(target_fraction * n)
-    sources = np.array(["target"] * n_target + ["synthetic"] * (n - n_target), dtype=object)[
-        rng.permutation(n)
-    ]
-    prompts, groups = world.sample_prompts(n, rng)
-    prompts, groups = np.array(prompts, dtype=object), np.array(groups, dtype=object)
-    group_alpha = np.array([world.group_alpha(g) for g in groups])
-    alpha = group_alpha if cfg.group_labels else np.full(n, float(cfg.alpha_train))
+    sources = np.array(["target"] * n_target + ["synthetic"] * (n - n_target), dtype=object)[rng.permutation(n)]
+    prompts, groups = (np.array(v, dtype=object) for v in world.sample_prompts(n, rng))
+    if cfg.group_labels:
+        alpha = np.array([world.spec["groups"][g]["alpha"] for g in groups], dtype=float)
+    else:
+        alpha = np.full(n, float(cfg.alpha_train))
     judge = cfg.judge_bias if is_train else 0.0
     ya = np.empty(n, dtype=object)
     yb = np.empty(n, dtype=object)
@@ -88,22 +69,13 @@ def build_pairs(
         a_wins ^= flipped
     chosen = np.where(a_wins, ya, yb)
     rejected = np.where(a_wins, yb, ya)
-    cols = {
-        "prompt": list(prompts),
-        "chosen": list(chosen),
-        "rejected": list(rejected),
-        "group": list(groups),
-        "source": list(sources),
-        "alpha": alpha,
-        "flipped": flipped,
-    }
+    cols = {c: list(v) for c, v in zip(TEXT_COLUMNS, (prompts, chosen, rejected, groups, sources))}
+    cols.update(alpha=alpha, flipped=flipped)
     p_c, p_r = world.p_target(chosen), world.p_target(rejected)
     # DoRA's per-list calibration is the mean of its responses' h~ (OBJECTIVES.md 6.3).
     cols["calibration"] = 0.5 * (world.calibration(p_c) + world.calibration(p_r))
-    cols["calibration_oracle"] = 0.5 * (
-        world.calibration(world.p_target_oracle(prompts, chosen))
-        + world.calibration(world.p_target_oracle(prompts, rejected))
-    )
+    oracle_c, oracle_r = world.p_target_oracle(prompts, chosen), world.p_target_oracle(prompts, rejected)
+    cols["calibration_oracle"] = 0.5 * (world.calibration(oracle_c) + world.calibration(oracle_r))
     cols["p_target_chosen"], cols["p_target_rejected"] = p_c, p_r
     for k in REWARD_COLUMNS_OF:
         cols[f"reward_{k}_chosen"] = world.reward(k, prompts, chosen)
@@ -116,20 +88,7 @@ def write_parquet(cols: dict, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    def arrow_type(name):
-        if name in ("prompt", "chosen", "rejected", "group", "source"):
-            return pa.string()
-        return pa.bool_() if name == "flipped" else pa.float64()
-
-    schema = pa.schema([(c, arrow_type(c)) for c in cols])
-    table = pa.table(
-        {
-            c: pa.array(list(v) if arrow_type(c) == pa.string() else np.asarray(v), type=arrow_type(c))
-            for c, v in cols.items()
-        },
-        schema=schema,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({c: pa.array(v, pa.string()) if c in TEXT_COLUMNS else np.asarray(v) for c, v in cols.items()})
     pq.write_table(
         table,
         path,
@@ -152,22 +111,21 @@ def split_stats(world: World, cols: dict, cfg) -> dict:
     agree = gold_c > gold_r
     r1 = world.reward("r1", prompts, responses)
     r2 = world.reward("r2", prompts, responses)
+    length, verbosity = world.reward("length", prompts, responses), world.reward("verbosity", prompts, responses)
+
+    def mean(values, rows, scale=1.0):
+        return float(values[rows].mean() * scale) if rows.any() else None
+
     by_src = {}
     for s in ("target", "synthetic"):
         m = src == s
         both = np.r_[m, m]
         by_src[s] = {
             "n": int(m.sum()),
-            "agree_with_r_alpha_train": float(agree[m].mean()) if m.any() else None,
-            "mean_length_words": float(
-                world.reward("length", prompts, responses)[both].mean() * world.max_response_words
-            )
-            if m.any()
-            else None,
-            "mean_verbosity": float(world.reward("verbosity", prompts, responses)[both].mean())
-            if m.any()
-            else None,
-            "mean_calibration": float(np.asarray(cols["calibration"])[m].mean()) if m.any() else None,
+            "agree_with_r_alpha_train": mean(agree, m),
+            "mean_length_words": mean(length, both, world.max_response_words),
+            "mean_verbosity": mean(verbosity, both),
+            "mean_calibration": mean(np.asarray(cols["calibration"]), m),
         }
     out = {
         "n": len(src),
@@ -179,15 +137,7 @@ def split_stats(world: World, cols: dict, cfg) -> dict:
         "mean_reward_chosen": {k: float(np.mean(cols[f"reward_{k}_chosen"])) for k in REWARD_COLUMNS_OF},
         "mean_reward_rejected": {k: float(np.mean(cols[f"reward_{k}_rejected"])) for k in REWARD_COLUMNS_OF},
     }
-    return _round_tree(out)
-
-
-def _round_tree(x):
-    if isinstance(x, float):
-        return float(f"{x:.6g}")
-    if isinstance(x, dict):
-        return {k: _round_tree(v) for k, v in x.items()}
-    return x
+    return _round(out)
 
 
 def fit_source_classifier(world: World, cfg, rng: np.random.Generator) -> dict:
@@ -216,8 +166,7 @@ def fit_source_classifier(world: World, cfg, rng: np.random.Generator) -> dict:
         w -= step
         if np.abs(step).max() < 1e-10:
             break
-    weights = [float(f"{v:.6g}") for v in w[:-1]]
-    bias = float(f"{w[-1]:.6g}")
+    weights, bias = _round(w[:-1]), _round(w[-1])
     z = x @ np.asarray(weights) + bias
 
     def log_loss(p, t):
@@ -225,7 +174,7 @@ def fit_source_classifier(world: World, cfg, rng: np.random.Generator) -> dict:
         return float(-np.mean(t * np.log(p) + (1 - t) * np.log(1 - p)))
 
     grid = np.exp(np.linspace(math.log(0.2), math.log(5.0), 161))
-    temperature = float(f"{grid[int(np.argmin([log_loss(_sigmoid(z[cal] / T), y[cal]) for T in grid]))]:.6g}")
+    temperature = _round(grid[int(np.argmin([log_loss(_sigmoid(z[cal] / T), y[cal]) for T in grid]))])
     p_test = _sigmoid(z[test] / temperature)
     bins = np.minimum((p_test * 10).astype(int), 9)
     ece = sum(
@@ -234,7 +183,7 @@ def fit_source_classifier(world: World, cfg, rng: np.random.Generator) -> dict:
         if (bins == b).any()
     )
     p_oracle = world.p_target_oracle([prompts[i] for i in test], [responses[i] for i in test])
-    return {
+    return _round({
         "model": "logistic regression, L2 (l2 on mean log loss), Newton; temperature scaling on a held-out split",
         "features": "counts of every world word in the response, then #words / max_response_words",
         "formula": "p(target | y) = sigmoid((weights . features(y) + bias) / temperature)",
@@ -245,26 +194,22 @@ def fit_source_classifier(world: World, cfg, rng: np.random.Generator) -> dict:
         "n_fit": len(fit),
         "n_calibration": len(cal),
         "n_test": len(test),
-        "heldout_accuracy": float(f"{np.mean((p_test > 0.5) == (y[test] == 1)):.6g}"),
-        "heldout_ece": float(f"{ece:.6g}"),
-        "heldout_log_loss": float(f"{log_loss(p_test, y[test]):.6g}"),
-        "heldout_bayes_accuracy": float(f"{np.mean((p_oracle > 0.5) == (y[test] == 1)):.6g}"),
-    }
+        "heldout_accuracy": np.mean((p_test > 0.5) == (y[test] == 1)),
+        "heldout_ece": ece,
+        "heldout_log_loss": log_loss(p_test, y[test]),
+        "heldout_bayes_accuracy": np.mean((p_oracle > 0.5) == (y[test] == 1)),
+    })
 
 
-def encode_sequences(world: World, prompts, responses, eos_id: int, pad_id: int, offset: int = 4):
-    """Token ids of prompt + response + EOS (right-padded), with labels -100 outside the response.
-
-    Returns:
-        input_ids (N, T), attention_mask (N, T), labels (N, T) as int64 numpy arrays,
-        T = max_prompt_words + max_response_words + 1.
-    """
+def encode_sequences(world: World, prompts, responses, eos_id: int, pad_id: int):
+    """(N, T) int64 input_ids, attention_mask and labels (-100 outside the response) of prompt + response + EOS,
+    right-padded to T = max_prompt_words + max_response_words + 1; token id = 4 + world word index."""
     max_len = int(world.spec["config"]["max_prompt_words"]) + world.max_response_words + 1
     ids = np.full((len(prompts), max_len), pad_id, dtype=np.int64)
     labels = np.full_like(ids, -100)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        pw = [world.word_index[w] + offset for w in p.split()]
-        rw = [world.word_index[w] + offset for w in r.split()] + [eos_id]
+        pw = [world.word_index[w] + 4 for w in p.split()]
+        rw = [world.word_index[w] + 4 for w in r.split()] + [eos_id]
         ids[i, : len(pw) + len(rw)] = pw + rw
         labels[i, len(pw) : len(pw) + len(rw)] = rw
     return ids, (ids != pad_id).astype(np.int64), labels
@@ -286,7 +231,6 @@ def train_reference_model(world: World, cfg, tokenizer, data_rng, init_rng, log:
             hidden_size=cfg.ref_hidden_size,
             num_layers=cfg.ref_layers,
             num_heads=cfg.ref_heads,
-            max_positions=128,
             seed=int(init_rng.integers(2**31)),
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
@@ -295,12 +239,8 @@ def train_reference_model(world: World, cfg, tokenizer, data_rng, init_rng, log:
         n_seq = cfg.ref_steps * cfg.ref_batch_size
         prompts, _ = world.sample_prompts(n_seq + 1024, data_rng)
         responses = world.sample("synthetic", prompts, data_rng)
-        ids, mask, labels = (
-            torch.from_numpy(a)
-            for a in encode_sequences(
-                world, prompts, responses, tokenizer.eos_token_id, tokenizer.pad_token_id
-            )
-        )
+        encoded = encode_sequences(world, prompts, responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        ids, mask, labels = (torch.from_numpy(a) for a in encoded)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.ref_lr, betas=(0.9, 0.98), weight_decay=0.0)
         warm = max(1, cfg.ref_steps // 10)
 
@@ -342,9 +282,9 @@ def train_reference_model(world: World, cfg, tokenizer, data_rng, init_rng, log:
             "lr": cfg.ref_lr,
             "optimizer": "AdamW betas (0.9, 0.98), wd 0, clip 1.0, warm-up 10% then cosine to 10%",
             "heldout_sequences": 1024,
-            "nll_per_token": float(f"{nll:.6g}"),
-            "generator_nll_per_token": float(f"{gen_nll:.6g}"),
-            "uniform_nll_per_token": float(f"{math.log(len(tokenizer)):.6g}"),
+            "nll_per_token": _round(nll),
+            "generator_nll_per_token": _round(gen_nll),
+            "uniform_nll_per_token": _round(math.log(len(tokenizer))),
         }
         return model, stats
     finally:

@@ -33,25 +33,24 @@ def build_tiny_causal_lm(
     hidden_size: int = 32,
     num_layers: int = 2,
     num_heads: int = 4,
-    intermediate_size: int | None = None,
-    max_positions: int = 128,
     seed: int = 0,
     pad_token_id: int = 0,
     bos_token_id: int = 2,
     eos_token_id: int = 3,
 ):
-    """A randomly initialised `LlamaForCausalLM` (a real transformers architecture), fp32, eval mode."""
+    """A randomly initialised `LlamaForCausalLM` (a real transformers architecture), fp32, eval mode, with MLP
+    width 2 x hidden_size and 128 positions."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=intermediate_size or 2 * hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
-        max_position_embeddings=max_positions,
+        max_position_embeddings=128,
         tie_word_embeddings=False,
         pad_token_id=pad_token_id,
         bos_token_id=bos_token_id,

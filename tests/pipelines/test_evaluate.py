@@ -117,7 +117,7 @@ def tiny_world(tmp_path_factory):
     spec = draw_world_spec(WorldConfig(seed=3, n_topic_words=4, n_content_words=8, n_filler_words=2,
                                        n_style_words=2, max_response_words=5))
     (root / "world.json").write_text(json.dumps(spec))
-    world = World(spec, root=root)
+    world = World(spec)
     reference = save_tiny_model_and_tokenizer(root / "reference", world.words, seed=0)
     policy = AutoModelForCausalLM.from_pretrained(reference)
     gen = torch.Generator().manual_seed(1)
