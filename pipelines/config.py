@@ -46,7 +46,7 @@ from typing import Any, Mapping, NamedTuple, Sequence, TypeVar
 
 import yaml
 
-from pipelines.errors import UserError
+from pipelines.errors import UserError, first_line
 from pipelines.paths import write_text_atomic
 
 T = TypeVar("T")
@@ -366,7 +366,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"config file '{path}' is not valid YAML: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file '{path}' must hold a mapping at the top level")
     return data

@@ -29,7 +29,7 @@ import pyarrow as pa
 import torch
 
 from pipelines import schema
-from pipelines.errors import UserError
+from pipelines.errors import UserError, first_line
 from robust_objectives import ListwiseLogps, PreferenceLogps
 from robust_objectives import logps as logps_lib
 from pipelines.collate import collate_lists, collate_pairs
@@ -62,8 +62,7 @@ def load_model_config(path: str, what: str):
     try:
         return AutoConfig.from_pretrained(_adapter_base(path) or path)
     except Exception as exc:  # noqa: BLE001 - any load failure (missing, malformed, unknown type) is the path's
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{what}: cannot load a model config from '{path}' ({first})") from exc
+        raise UserError(f"{what}: cannot load a model config from '{path}' ({first_line(exc)})") from exc
 
 
 def load_causal_lm(path: str, *, attn_implementation: str = "sdpa", device: torch.device | str = "cpu"):

@@ -32,7 +32,7 @@ from pipelines import console
 from pipelines import config as config_lib
 from pipelines.console import say
 from pipelines import row_order, schema
-from pipelines.errors import UserError
+from pipelines.errors import UserError, first_line
 from pipelines.ray_session import actor_pool, ensure_ray, preserve_order
 from pipelines.data.formats import (
     FILE_SUFFIXES, INPUT_FORMATS, RowError, detect_format, iter_file_records, output_columns, output_format,
@@ -262,8 +262,7 @@ def _resolve_hub(dataset: str) -> Source:
         try:
             files = sorted(f for f in fs.find(root) if f.lower().endswith(FILE_SUFFIXES))
         except Exception as exc:  # network, auth, not found: one line for the user
-            first = str(exc).splitlines()[0] if str(exc) else repr(exc)
-            raise UserError(f"cannot list hub dataset '{repo}': {first}") from None
+            raise UserError(f"cannot list hub dataset '{repo}': {first_line(exc)}") from None
         if files:
             return Source(_group_by_split(files), {f: f"hf://{f}" for f in files}, filesystem=fs)
     raise UserError(f"hub dataset '{repo}' has no {'/'.join(FILE_SUFFIXES)} files")
@@ -465,7 +464,7 @@ def _load_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load tokenizer '{path}': {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot load tokenizer '{path}': {first_line(exc)}") from None
 
 
 def _write_json(path: Path, body: dict) -> None:

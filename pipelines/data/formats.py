@@ -26,6 +26,7 @@ import os
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
 
 from pipelines import schema
+from pipelines.errors import first_line
 
 INPUT_FORMATS = ("pairs", "hh", "chat", "listwise")
 # The HH split point (Bai et al. 2022, Anthropic HH-RLHF): the prompt is everything through the LAST
@@ -341,8 +342,7 @@ def iter_file_records(stream: BinaryIO, file: str, suffix: str) -> Iterator[list
                     yield [_record(file, row + i, json.dumps(r, default=_json_default)) for i, r in enumerate(records)]
                     row += len(records)
         except (pa.ArrowException, OSError) as exc:  # truncated, empty or not a parquet/arrow file at all
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            yield [_record(file, row, "", f"cannot read the {suffix[1:]} file after {row} row(s) ({first})")]
+            yield [_record(file, row, "", f"cannot read the {suffix[1:]} file after {row} row(s) ({first_line(exc)})")]
         return
     if suffix == ".json":
         data = stream.read()

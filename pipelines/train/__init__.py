@@ -37,7 +37,7 @@ from pipelines import console
 from pipelines import config as config_lib
 from pipelines import schema
 from pipelines.console import Progress, say
-from pipelines.errors import UserError
+from pipelines.errors import UserError, first_line
 from pipelines.paths import atomic_path
 from pipelines.schema import CALIBRATION_COLUMNS
 from pipelines.train import config as tc
@@ -315,8 +315,7 @@ def train(cfg: TrainConfig, output_dir: str | Path | None = None, callbacks: Seq
     timings.write(output_dir)
     if error is not None:
         log = write_error(output_dir, error)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise RuntimeError(f"training failed: {first} (full error: {log})") from error
+        raise RuntimeError(f"training failed: {first_line(error)} (full error: {log})") from error
     return outputs
 
 

@@ -228,3 +228,14 @@ def test_evaluate_and_data_flags_follow_the_one_rule(tmp_path, monkeypatch):
     assert data.build_config(args).seed == 3
     with pytest.raises(UserError, match="config key 'on_invalid' is set by its command-line flag"):
         data.build_config(argparse.Namespace(**{**vars(args), "overrides": ["on_invalid=fail"]}))
+
+
+def test_an_error_is_quoted_by_its_first_nonempty_line_or_its_type(tmp_path):
+    from pipelines.errors import first_line
+
+    assert first_line(ValueError("\n  first \nsecond")) == "first"
+    assert first_line(RuntimeError()) == "RuntimeError"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1,\n")
+    with pytest.raises(UserError, match=r"^config file '.*bad\.yaml' is not valid YAML: while parsing a flow node$"):
+        config.load_yaml(bad)
