@@ -15,4 +15,4 @@ class UserError(Exception):
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (what a one-line report quotes), or its type name when it has none."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return text.splitlines()[0].strip() if text else type(error).__name__
