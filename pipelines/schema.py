@@ -41,6 +41,8 @@ PAIR_TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_id
 LIST_TEXT_COLUMNS = ("prompt", "responses", "scores")
 LIST_TOKEN_COLUMNS = ("prompt_input_ids", "responses_input_ids")
 CALIBRATION_COLUMNS = ("calibration", "calibration_oracle")  # DoRA's h~ (objective.calibration picks one)
+P_TARGET_PAIR = ("p_target_chosen", "p_target_rejected")  # P(target source | response), pair rows
+P_TARGET_LIST = "p_target"  # the same, one per response, listwise rows
 REFERENCE_PAIR_COLUMNS = ("reference_chosen_logps", "reference_rejected_logps")
 REFERENCE_LIST_COLUMN = "reference_logps"
 

@@ -45,7 +45,7 @@ from pipelines import tracking as tracking_lib
 from pipelines.console import Progress, say
 from pipelines.errors import UserError
 from pipelines.tracking import MlflowConfig, WandbConfig
-from pipelines.train.config import TrainConfig, build_train_config
+from pipelines.train.config import TrainConfig, TrainLoopConfig, build_train_config
 from pipelines.paths import OutputPath, RewardSpec, atomic_path, write_text_atomic
 
 TRIALS_DIR = "trials"
@@ -130,7 +130,8 @@ def trial_train_config(cfg: TuneConfig, objective: dict[str, Any], output_dir: P
     values = config_lib.deep_merge(cfg.base, {"objective": objective, "output": str(output_dir)})
     values["objective"] = {**cfg.base.get("objective", {}), **objective}
     if seed is not None:
-        values["train"] = {**values.get("train", {}), "seed": int(values.get("train", {}).get("seed", 0)) + seed}
+        train = values.get("train", {})
+        values["train"] = {**train, "seed": int(train.get("seed", TrainLoopConfig.seed)) + seed}
     return build_train_config(values)
 
 

@@ -27,6 +27,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
 
 from pipelines import schema
 from pipelines.errors import first_line
+from pipelines.schema import P_TARGET_LIST, P_TARGET_PAIR
 
 INPUT_FORMATS = ("pairs", "hh", "chat", "listwise")
 # The HH split point (Bai et al. 2022, Anthropic HH-RLHF): the prompt is everything through the LAST
@@ -39,8 +40,6 @@ ERROR_CODES = (
     "prompt_mismatch", "prompt_too_long",
 )
 STRING_PASSTHROUGH = ("group", "source")
-P_TARGET_PAIR = ("p_target_chosen", "p_target_rejected")  # P(target source | response), pair rows
-P_TARGET_LIST = "p_target"  # the same, one per response, listwise rows
 
 Render = Callable[[Sequence[Mapping[str, str]], bool], str]
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from pipelines import config as config_lib
 from pipelines.errors import UserError
+from pipelines.schema import P_TARGET_LIST, P_TARGET_PAIR
 
 TARGET_SOURCES = ("target", "human")  # source_mixture: these sources are "target", all others "other"
 SAMPLING = ("thin", "poisson")
@@ -371,12 +372,12 @@ def resample_sources(table, *, target: float, recalibrate: bool, **kwargs):
     table = resample_by_key(table, **kwargs)
     if not recalibrate:
         return table
-    if "p_target" in table.column_names:  # listwise: one value per response
-        lists = table.column("p_target").to_pylist()
+    if P_TARGET_LIST in table.column_names:  # listwise: one value per response
+        lists = table.column(P_TARGET_LIST).to_pylist()
         column = pa.array([list(dora_calibration(v, target)) for v in lists], type=pa.list_(pa.float64()))
     else:
-        chosen = dora_calibration(table.column("p_target_chosen").to_numpy(zero_copy_only=False), target)
-        rejected = dora_calibration(table.column("p_target_rejected").to_numpy(zero_copy_only=False), target)
+        chosen = dora_calibration(table.column(P_TARGET_PAIR[0]).to_numpy(zero_copy_only=False), target)
+        rejected = dora_calibration(table.column(P_TARGET_PAIR[1]).to_numpy(zero_copy_only=False), target)
         column = pa.array(0.5 * (chosen + rejected), type=pa.float64())
     if "calibration" in table.column_names:
         return table.set_column(table.column_names.index("calibration"), "calibration", column)
@@ -473,7 +474,7 @@ def _plan(ds, spec: ShiftSpec, seed: int, tag: str):
     targets = group_targets(p) if spec.name == "group_weights" else {"target": p["target"], "other": 1 - p["target"]}
     rates = group_rates(counts, targets, p["sampling"])
     if spec.name == "source_mixture":
-        recalibrate = "p_target" in names or {"p_target_chosen", "p_target_rejected"} <= set(names)
+        recalibrate = P_TARGET_LIST in names or set(P_TARGET_PAIR) <= set(names)
         return resample_sources, {"column": column, "rates": rates, "key_map": key_map, "target": p["target"],
                                   "recalibrate": recalibrate, **common}
     return resample_by_key, {"column": column, "rates": rates, "key_map": key_map, **common}

@@ -72,8 +72,7 @@ class GenerationConfig:
     def __post_init__(self):
         config_lib.check(self, ">= 1", "samples_per_prompt", "max_new_tokens", "batch_size")
         config_lib.check(self, ">= 0", "num_prompts")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise config_lib.FieldError("validation_fraction", f"= {self.validation_fraction} is not in [0, 1)")
+        config_lib.check(self, "[0, 1)", "validation_fraction")
 
 
 @dataclass(frozen=True, kw_only=True)
